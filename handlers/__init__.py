@@ -1,0 +1,1 @@
+"""Handlers: modules that do something with each stored event, switched on in config.ini."""
