@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Install what the tests need into a private virtual environment, then run them.
+
+    python3 tests/run.py                 # the whole suite
+    python3 tests/run.py -k parse_form   # any pytest arguments pass through
+
+The environment lives in tests/.venv-<python version>/ and is reused while
+tests/requirements.txt is unchanged. System tools the tests use (php-cli, to prove the form
+parser against PHP itself) are installed with apt-get when missing and this runs as root;
+otherwise the tests that need them are skipped with a reason, except under CI (CI=true),
+where a missing tool is an error.
+"""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+REQUIREMENTS = os.path.join(HERE, "requirements.txt")
+SYSTEM_PACKAGES = {"php": "php-cli"}  # command -> Debian package
+
+
+def say(message):
+    print("tests/run.py: %s" % message, flush=True)
+
+
+def venv_python(python):
+    """The virtual environment's interpreter for `python`, created and filled when needed."""
+    version = subprocess.check_output(
+        [python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], text=True).strip()
+    folder = os.path.join(HERE, ".venv-" + version)
+    exe = os.path.join(folder, "bin", "python")
+    stamp = os.path.join(folder, ".requirements.sha256")
+    with open(REQUIREMENTS, "rb") as f:
+        wanted = hashlib.sha256(f.read()).hexdigest()
+    if os.path.exists(exe) and os.path.exists(stamp) and open(stamp).read() == wanted:
+        return exe
+    if not os.path.exists(exe):
+        say("creating %s" % os.path.relpath(folder, ROOT))
+        if subprocess.call([python, "-m", "venv", folder]) != 0:
+            apt_install("python3-venv")
+            shutil.rmtree(folder, ignore_errors=True)
+            subprocess.check_call([python, "-m", "venv", folder])
+    say("installing %s" % os.path.relpath(REQUIREMENTS, ROOT))
+    subprocess.check_call([exe, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                           "-r", REQUIREMENTS])
+    with open(stamp, "w") as f:
+        f.write(wanted)
+    return exe
+
+
+def apt_install(*packages):
+    """apt-get install, when this runs as root on a Debian-like system; False otherwise."""
+    if not shutil.which("apt-get") or os.geteuid() != 0:
+        return False
+    say("installing %s with apt-get" % " ".join(packages))
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.call(["apt-get", "update", "-qq"], env=env, stdout=subprocess.DEVNULL)
+    return subprocess.call(["apt-get", "install", "-y", "-qq", "--no-install-recommends"] + list(packages),
+                           env=env, stdout=subprocess.DEVNULL) == 0
+
+
+def system_tools():
+    missing = [pkg for cmd, pkg in SYSTEM_PACKAGES.items() if not shutil.which(cmd)]
+    if missing:
+        apt_install(*missing)
+    still = [cmd for cmd in SYSTEM_PACKAGES if not shutil.which(cmd)]
+    if still and os.environ.get("CI"):
+        say("error: %s missing and could not be installed" % ", ".join(still))
+        raise SystemExit(1)
+    for cmd in still:
+        say("%s is missing: the tests that need it will be skipped" % cmd)
+
+
+def main(argv):
+    python = sys.executable
+    system_tools()
+    exe = venv_python(python)
+    command = [exe, "-m", "pytest", "-p", "no:cacheprovider", HERE] + argv
+    say("running %s" % " ".join(command[2:]))
+    code = subprocess.call(command, cwd=ROOT)
+    if code == 5:
+        say("error: pytest collected no tests")
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
