@@ -14,10 +14,10 @@ process environment), else from config.ini beside this file; without one, the em
 defaults apply. Relative paths in it are relative to the config file's folder.
 """
 
-import json
 import os
 import sys
 import time
+from itertools import repeat
 
 __version__ = "1.0.0"
 
@@ -38,6 +38,41 @@ STATUS_LINES = {
     415: "415 Unsupported Media Type", 500: "500 Internal Server Error",
     503: "503 Service Unavailable",
 }
+
+
+
+class _JSON:
+    """json.dumps through the C encoder json itself uses, without importing json (and `re`)."""
+
+    _encoders = {}
+
+    @classmethod
+    def dumps(cls, obj, ensure_ascii=False, sort_keys=False, spaced=False):
+        key = (ensure_ascii, sort_keys, spaced)
+        encode = cls._encoders.get(key)
+        if encode is None:
+            encode = cls._encoders[key] = cls._make(*key)
+        return encode(obj)
+
+    @staticmethod
+    def _make(ensure_ascii, sort_keys, spaced):
+        colon, comma = (": ", ", ") if spaced else (":", ",")
+        try:
+            from _json import encode_basestring, encode_basestring_ascii, make_encoder
+        except ImportError:  # pragma: no cover - an interpreter without the C accelerator
+            import json
+            return lambda obj: json.dumps(obj, ensure_ascii=ensure_ascii, sort_keys=sort_keys,
+                                          separators=(comma, colon))
+
+        def default(obj):
+            raise TypeError("%s is not JSON serializable" % type(obj).__name__)
+        # markers=None: our trees have no cycles, and a shared markers dict is not thread-safe.
+        c_encode = make_encoder(None, default, encode_basestring_ascii if ensure_ascii else encode_basestring,
+                                None, colon, comma, sort_keys, False, True)
+        return lambda obj: "".join(c_encode(obj, 0))
+
+
+json_dumps = _JSON.dumps
 
 ###############################################################################
 # Errors ######################################################################
@@ -231,20 +266,45 @@ def load_config(path=None):
 
 
 def _read_ini(path):
-    import configparser
-    # interpolation=None: a secret or a URL may hold '%' (FIELD-NOTES).
-    parser = configparser.ConfigParser(interpolation=None, strict=True, empty_lines_in_values=False)
-    parser.optionxform = str
+    """{section: {key: value}} of an INI file, as configparser reads it with interpolation off.
+
+    A small reader of our own: configparser pulls in `re`, which every CGI request would pay
+    for. `key = value` or `key: value` lines under `[section]` headers; `#` and `;` start a
+    comment line; an indented line continues the value above it.
+    """
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            parser.read_file(f, path)
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ConfigError("%s: is not UTF-8 text (hint: save it as UTF-8)" % path) from None
-    except configparser.Error as e:
-        first = str(e).splitlines()[0]
-        raise ConfigError("%s: cannot be parsed: %s (hint: every setting is `key = value` under a"
-                          " [section] line)" % (path, first)) from None
-    return {name: dict(parser.items(name)) for name in parser.sections()}
+    sections, current, last = {}, None, None
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        where = "%s line %d" % (path, number)
+        if not stripped or stripped[0] in "#;":
+            last = None if not stripped else last
+            continue
+        if line[0] in " \t" and last is not None:
+            current[last] += "\n" + stripped
+            continue
+        if stripped[0] == "[":
+            name = stripped[1:-1].strip()
+            if not stripped.endswith("]") or not name:
+                raise ConfigError("%s: %r is not a section header (hint: write [listener])" % (where, stripped))
+            if name in sections:
+                raise ConfigError("%s: [%s] appears twice (hint: merge the two sections)" % (where, name))
+            current, last = sections.setdefault(name, {}), None
+            continue
+        cut = min((i for i in (stripped.find("="), stripped.find(":")) if i > 0), default=-1)
+        if cut < 0:
+            raise ConfigError("%s: %r is not a setting (hint: write `key = value`)" % (where, stripped[:40]))
+        if current is None:
+            raise ConfigError("%s: a setting before any section (hint: put it under [listener])" % where)
+        last = stripped[:cut].strip()
+        if last in current:
+            raise ConfigError("%s: %s is set twice in one section (hint: keep one)" % (where, last))
+        current[last] = stripped[cut + 1:].strip()
+    return sections
 
 
 def _build_config(path, sections):
@@ -323,14 +383,21 @@ def _form_pairs(body, charset, max_params):
     if not body:
         return []
     seps = _free_bytes(body) if _whole_decode_ok(charset) else None
-    text = _decode_whole(body, seps) if seps else None
-    if text is not None:
-        text = text.decode(charset, "replace")
-        s1, s2 = chr(seps[0]), chr(seps[1])
-        triples = [token.partition(s2) for token in text.split(s1) if token]
-        if s2 in text:  # a raw '=' after the first one in a pair belongs to the value
-            triples = [(n, e, v.replace(s2, "=")) if s2 in v else (n, e, v) for n, e, v in triples]
-        return triples
+    if seps is not None:
+        # A name must not gain an '=' from %3D before it is split from its value at the raw one.
+        protect = (b"%3D" in body or b"%3d" in body) and _encoded_equals_in_a_name(body)
+        decoded = _decode_whole(body, seps, protect)
+        if decoded is not None:
+            text = decoded.decode(charset, "replace")
+            del decoded  # each copy of a large body is let go as soon as the next one exists
+            tokens = text.split(chr(seps[0]))
+            del text
+            if not protect:
+                # Lazily, in C: the tree keeps the values while names and tokens go (peak memory).
+                return map(str.partition, tokens, repeat("="))
+            guard = chr(seps[1])
+            return [(n.replace(guard, "="), e, v.replace(guard, "="))
+                    for n, e, v in map(str.partition, tokens, repeat("="))]
     # The exact path, for invalid '%' escapes or a charset that is not one byte per ASCII char.
     from urllib.parse import unquote_to_bytes  # the same rules as php_url_decode once '+' is done
     triples = []
@@ -340,6 +407,18 @@ def _form_pairs(body, charset, max_params):
             triples.append((unquote_to_bytes(name).decode(charset, "replace"), "=" if sep else "",
                             unquote_to_bytes(value).decode(charset, "replace")))
     return triples
+
+
+def _encoded_equals_in_a_name(body):
+    """Whether some name (before its pair's first raw '=') holds %3D. No regex: `re` costs a CGI 5 ms."""
+    for escape in (b"%3D", b"%3d"):
+        at = body.find(escape)
+        while at >= 0:
+            if body.find(b"=", body.rfind(b"&", 0, at) + 1, at) < 0:
+                return True
+            following = body.find(b"&", at)  # the rest of this pair is value: skip to the next one
+            at = body.find(escape, following) if following >= 0 else -1
+    return False
 
 
 _whole_decode_cache = {}
@@ -370,15 +449,20 @@ def _free_bytes(body):
     return None
 
 
-def _decode_whole(body, seps):
-    """Percent-decode the whole body in one C call, '&' and '=' turned into seps beforehand.
+def _decode_whole(body, seps, protect=False):
+    """Percent-decode the whole body in one C call, with '&' turned into seps[0] beforehand.
 
-    binascii.a2b_qp decodes '=XX'. '%' becomes '=', and raw CR and LF become escapes so that no
-    soft line break can occur. An invalid escape would come out as '=' instead of PHP's
-    literal '%': the length check sees it and the caller takes the exact path.
+    binascii.a2b_qp decodes '=XX': raw '=' becomes '=3D', '%' becomes '=', and raw CR and LF
+    become escapes so that no soft line break can occur. An invalid escape would come out as
+    '=' instead of PHP's literal '%': the length check sees it and the caller takes the exact
+    path. With protect, %3D becomes seps[1], to be turned back into '=' after the split.
     """
     from binascii import a2b_qp
-    data = body.replace(b"&", bytes((seps[0],))).replace(b"=", bytes((seps[1],)))
+    data = body
+    if protect:
+        guard = bytes((seps[1],))
+        data = data.replace(b"%3D", guard).replace(b"%3d", guard)
+    data = data.replace(b"&", bytes((seps[0],))).replace(b"=", b"=3D")
     if b"\r" in data or b"\n" in data:
         data = data.replace(b"\r", b"=0D").replace(b"\n", b"=0A")
     data = data.replace(b"%", b"=")
@@ -585,6 +669,7 @@ def parse_query(query, max_params=1000, max_depth=64):
 
 def parse_json(body, max_params=1000, max_depth=64, charset="utf-8"):
     """Parse a JSON body whose top is an object, held to the same limits as a form."""
+    import json
     try:
         tree = json.loads(body.decode(charset, "replace"))
     except (ValueError, RecursionError):
@@ -729,6 +814,13 @@ def connect(config):
     return conn
 
 
+def close_connections():
+    """Close this thread's connections."""
+    for conn, _ in getattr(_connections, "by_path", {}).values():
+        conn.close()
+    _connections.by_path = {}
+
+
 def _open(config, path, create):
     import sqlite3
     if create:
@@ -748,6 +840,7 @@ def _open(config, path, create):
             conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=%s" % ("FULL" if config.durability == "full" else "NORMAL"))
         conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA cache_size=-1024")  # KiB: one event at a time needs little
         migrate(conn)
     except sqlite3.Error as e:
         conn.close()
@@ -845,7 +938,7 @@ def spool_append(config, row):
     record["raw_body"] = base64.b64encode(row.get("raw_body") or b"").decode("ascii")
     if record.get("spool_id") is None:
         record["spool_id"] = os.urandom(16).hex()
-    line = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
+    line = (json_dumps(record, ensure_ascii=True) + "\n").encode("ascii")
     _private_folder(os.path.dirname(config.spool_file))
     fd = os.open(config.spool_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
@@ -868,6 +961,7 @@ def _spool_waiting(config):
 def spool_import(config, conn=None):
     """Move spooled events into the database exactly once: (imported, duplicates, unreadable lines)."""
     import base64
+    import json
     import fcntl
     if not os.path.exists(config.spool_file):
         return 0, 0, 0
@@ -976,7 +1070,7 @@ def application(environ, start_response):
         answer = {"ok": False, "error": "Internal error; the details are in the listener's log.", "status": 500}
         for line in traceback.format_exc().rstrip().splitlines():
             log(config, environ, "error", request_id, _printable(line))
-    body = json.dumps(answer, separators=(", ", ": ")).encode("utf-8")
+    body = json_dumps(answer, spaced=True).encode("utf-8")
     headers = [("Content-Type", "application/json; charset=utf-8"), ("Content-Length", str(len(body))),
                ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")] + list(headers)
     start_response(STATUS_LINES[status], headers)
@@ -1012,6 +1106,7 @@ def _handle(environ, config, request_id, method):
         content_type = environ.get("CONTENT_TYPE") or None
         tree = _parse_body(raw, content_type, limits)
     row = _event_row(tree, raw, method, content_type, remote)
+    del tree  # the row holds it as JSON now; a large body's tree need not outlive that
     try:
         answer, problem = save(config, row)
     except OSError as e:
@@ -1171,11 +1266,11 @@ def _event_row(tree, raw, method, content_type, remote):
     contact = tree.get("contact")
     contact = contact if isinstance(contact, dict) else {}
     email = contact.get("email") if "email" in contact else tree.get("email")
-    payload = json.dumps(tree, ensure_ascii=False, separators=(",", ":"))
+    payload = json_dumps(tree)
     try:
         payload.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate from a JSON \ud800 escape
-        payload = json.dumps(tree, separators=(",", ":"))
+        payload = json_dumps(tree, ensure_ascii=True)
     row = {
         "transaction_id": _text_value(tree.get("transactionid")),
         "received_at": utc_now(),
@@ -1190,7 +1285,7 @@ def _event_row(tree, raw, method, content_type, remote):
     }
     if method == "GET" and row["transaction_id"] is None:
         import hashlib  # only GET calls pay for it: they have no transactionid to dedupe on
-        canonical = json.dumps(tree, sort_keys=True, separators=(",", ":")).encode("utf-8", "surrogatepass")
+        canonical = json_dumps(tree, ensure_ascii=True, sort_keys=True).encode("ascii")
         row["dedupe_key"] = hashlib.sha256(canonical).hexdigest()
     return row
 
@@ -1409,7 +1504,11 @@ def main(argv=None):
     """Serve a CGI request when run by a web server, else the command line."""
     if argv is None and "GATEWAY_INTERFACE" in os.environ:
         run_cgi()
-        return 0
+        # The answer is written and the event is on disk: close the database (SQLite checkpoints
+        # its WAL), then skip the interpreter's teardown, about 2 ms of every CGI request.
+        close_connections()
+        sys.stderr.flush()
+        os._exit(0)
     import argparse
     parser = argparse.ArgumentParser(
         prog="listener.py", description="Receive and keep Vbout's \"Synch Contact to Third Party\" calls.")

@@ -62,7 +62,7 @@ def test_config_unknown_section_is_an_error(tmp_path):
 
 
 def test_config_unparseable_file_is_an_error(tmp_path):
-    with pytest.raises(listener.ConfigError, match="cannot be parsed"):
+    with pytest.raises(listener.ConfigError, match=r"line 1: a setting before any section \(hint: put it under \[listener\]\)"):
         load(tmp_path, "secret = outside any section\n")
 
 
