@@ -3,6 +3,8 @@
 
     python3 tests/run.py                 # the whole suite
     python3 tests/run.py -k parse_form   # any pytest arguments pass through
+    python3 tests/run.py --python python3.8   # on another interpreter
+    python3 tests/run.py --matrix        # on every Python 3.8-3.13 found (pyenv or PATH)
 
 The environment lives in tests/.venv-<python version>/ and is reused while
 tests/requirements.txt is unchanged. System tools the tests use (php-cli, to prove the form
@@ -11,6 +13,7 @@ otherwise the tests that need them are skipped with a reason, except under CI (C
 where a missing tool is an error.
 """
 
+import glob
 import hashlib
 import os
 import shutil
@@ -75,9 +78,7 @@ def system_tools():
         say("%s is missing: the tests that need it will be skipped" % cmd)
 
 
-def main(argv):
-    python = sys.executable
-    system_tools()
+def run_suite(python, argv):
     exe = venv_python(python)
     command = [exe, "-m", "pytest", "-p", "no:cacheprovider", HERE] + argv
     say("running %s" % " ".join(command[2:]))
@@ -86,6 +87,38 @@ def main(argv):
         say("error: pytest collected no tests")
         return 1
     return code
+
+
+def interpreters():
+    """One interpreter per Python 3.8-3.13 found: pyenv's versions, else python3.X on PATH."""
+    found = {}
+    root = subprocess.run(["pyenv", "root"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True).stdout.strip() if shutil.which("pyenv") else ""
+    for minor in range(8, 14):
+        candidates = sorted(glob.glob(os.path.join(root, "versions", "3.%d.*" % minor, "bin", "python")))
+        exe = candidates[-1] if root and candidates else shutil.which("python3.%d" % minor)
+        if exe:
+            found["3.%d" % minor] = exe
+    return found
+
+
+def main(argv):
+    python = sys.executable
+    if argv[:1] == ["--python"] and len(argv) > 1:
+        python, argv = shutil.which(argv[1]) or argv[1], argv[2:]
+    system_tools()
+    if argv[:1] != ["--matrix"]:
+        return run_suite(python, argv)
+    results = {}
+    for version, exe in interpreters().items():
+        say("=== Python %s (%s)" % (version, exe))
+        results[version] = run_suite(exe, argv[1:] + ["-q"])
+    for version, code in results.items():
+        say("Python %s: %s" % (version, "passed" if code == 0 else "FAILED (exit %d)" % code))
+    missing = sorted(set("3.%d" % m for m in range(8, 14)) - set(results))
+    if missing:
+        say("not found here: Python %s" % ", ".join(missing))
+    return 0 if results and all(code == 0 for code in results.values()) else 1
 
 
 if __name__ == "__main__":
