@@ -178,6 +178,10 @@ def _choice_parser(*choices):
     return parse
 
 
+def _split_list(text):
+    return [t.strip() for t in text.replace("\n", ",").split(",") if t.strip()]
+
+
 def _parse_networks(text):
     items = [t.strip() for t in text.replace("\n", ",").split(",") if t.strip()]
     if not items:
@@ -222,15 +226,43 @@ _declare("log_file", "", _parse_optional_path,
          "File for the listener's log (created 0600); empty logs to the web server's error log.")
 _declare("log_level", "info", _choice_parser("debug", "info", "warning", "error"),
          "Least important level that is logged.")
+_declare("respond_with", "", lambda text: tuple(_split_list(text)),
+         "Handler results added to the answer of an inline run, as HANDLER.KEY, comma-separated"
+         " (for example crm.id): Vbout can map them back onto the contact.")
+
+_declare("enabled", "", lambda text: tuple(_split_list(text)),
+         "The handlers to run for each stored event, in order, comma-separated; each reads its"
+         " own [handler:NAME] section.", section="handlers")
+_declare("run", "inline", _choice_parser("inline", "deferred"),
+         "inline: before the answer. deferred: stored as pending for `listener.py deliver` (cron).",
+         section="handlers")
+_declare("timeout", "10", _seconds_parser(0.1, 3600, "10 gives each handler ten seconds"),
+         "Seconds a handler may take before its delivery counts as failed.", section="handlers")
+_declare("max_attempts", "8", _int_parser(1, 1000, "attempts", "8 tries for about four hours"),
+         "Tries before `listener.py retry` gives a failed delivery up.", section="handlers")
+_declare("retry_delay", "60", _seconds_parser(1, 86400, "60 waits 1, 2, 4, 8... minutes"),
+         "Seconds before the first retry; each further one waits twice as long (at most a day).",
+         section="handlers")
+
+# Every [handler:NAME] section may also hold these, beside the keys its module declares.
+_declare("module", "", lambda text: text.strip(),
+         "The module in handlers/ to run (default: NAME), so that one module can run twice.",
+         section="handler:*")
+_declare("run", "", lambda text: _choice_parser("inline", "deferred")(text) if text.strip() else None,
+         "inline or deferred for this handler (default: [handlers] run).", section="handler:*")
+_declare("timeout", "", lambda text: _seconds_parser(0.1, 3600, "10")(text) if text.strip() else None,
+         "Seconds for this handler (default: [handlers] timeout).", section="handler:*")
+_declare("only_if", "", lambda text: Condition(text) if text.strip() else None,
+         "Run only for events where this holds: `contact.email`, `lead-status.label == Hot`,"
+         " `fields.Country in US, CA`, `not fields.Unsubscribed`.", section="handler:*")
 
 
 class Config:
     """The settings of one config file, checked, with paths made absolute."""
 
-    def __init__(self, path, values, sections):
+    def __init__(self, path, values):
         self.path = path
         self.folder = os.path.dirname(os.path.abspath(path)) if path else HERE
-        self.sections = sections  # the raw text of every section, for handlers
         for (section, name), value in values.items():
             if section == "listener":
                 setattr(self, name, value)
@@ -238,6 +270,14 @@ class Config:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, os.path.join(self.folder, os.path.expanduser(value)))
+        self.handler_defaults = {name: values[("handlers", name)] for (sec, name) in KEYS if sec == "handlers"}
+        self.handlers = []  # Handler instances, in the order of [handlers] enabled
+
+    def handler(self, name):
+        for handler in self.handlers:
+            if handler.name == name:
+                return handler
+        return None
 
     @property
     def label(self):
@@ -277,16 +317,20 @@ def _read_ini(path):
             text = f.read().decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ConfigError("%s: is not UTF-8 text (hint: save it as UTF-8)" % path) from None
-    sections, current, last = {}, None, None
+    sections, current, last, blanks = {}, None, None, 0
     for number, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()
         where = "%s line %d" % (path, number)
-        if not stripped or stripped[0] in "#;":
-            last = None if not stripped else last
+        if not stripped:
+            blanks += 1  # kept inside a multi-line value when an indented line follows
+            continue
+        if stripped[0] in "#;":
             continue
         if line[0] in " \t" and last is not None:
-            current[last] += "\n" + stripped
+            current[last] += "\n" * (blanks + 1) + stripped
+            blanks = 0
             continue
+        blanks = 0
         if stripped[0] == "[":
             name = stripped[1:-1].strip()
             if not stripped.endswith("]") or not name:
@@ -310,26 +354,62 @@ def _read_ini(path):
 def _build_config(path, sections):
     label = path or "embedded defaults"
     for name in sections:
-        if name != "listener":
-            raise ConfigError("%s [%s]: unknown section (hint: the settings go under [listener])"
-                              % (label, name))
+        if name not in ("listener", "handlers") and not (
+                name.startswith("handler:") and _is_name(name[len("handler:"):])):
+            raise ConfigError("%s [%s]: unknown section (hint: the sections are [listener], [handlers]"
+                              " and [handler:NAME])" % (label, name))
     values = {}
-    for section in ("listener",):
-        given = dict(sections.get(section, {}))
-        for (sec, name), key in KEYS.items():
-            if sec != section:
-                continue
-            text = given.pop(name, key.default)
-            try:
-                values[(sec, name)] = key.parse(text)
-            except ValueError as e:
-                raise ConfigError("%s [%s] %s: %s %s" % (label, sec, name, _quote_value(name, text), e)) from None
-        for name in given:
-            close = [n for (s, n) in KEYS if s == section and _similar(n, name)]
-            hint = ("did you mean %r?" % close[0]) if close else (
-                "the keys are: " + ", ".join(n for (s, n) in KEYS if s == section))
-            raise ConfigError("%s [%s] %s: unknown key (hint: %s)" % (label, section, name, hint))
-    return Config(path, values, sections)
+    for section in ("listener", "handlers"):
+        values.update(_check_section(label, section, section, dict(sections.get(section, {}))))
+    config = Config(path, values)
+    enabled = config.handler_defaults["enabled"]
+    for position, name in enumerate(enabled):
+        where = "%s [handlers] enabled" % label
+        if not _is_name(name):
+            raise ConfigError("%s: %r is not a handler name (hint: letters, digits and _; a module in"
+                              " handlers/ or a [handler:NAME] section)" % (where, name))
+        if name in enabled[:position]:
+            raise ConfigError("%s: handler %r is listed twice (hint: list it once; to run a module"
+                              " twice, give a second [handler:NAME] section `module = %s`)" % (where, name, name))
+        config.handlers.append(Handler(config, name, dict(sections.get("handler:" + name, {}))))
+    for item in config.respond_with:
+        handler_name, dot, key = item.partition(".")
+        handler = config.handler(handler_name)
+        where = "%s [listener] respond_with: %r" % (label, item)
+        if not dot or not key:
+            raise ConfigError("%s is not HANDLER.KEY (hint: crm.id)" % where)
+        if handler is None or handler.run != "inline":
+            raise ConfigError("%s names no inline handler (hint: add %r to [handlers] enabled, run inline)"
+                              % (where, handler_name))
+        if handler_name in ("ok", "event_id", "duplicate", "spooled", "status", "error"):
+            raise ConfigError("%s would overwrite part of the answer (hint: rename the handler)" % where)
+    return config
+
+
+def _check_section(label, section, declared, given):
+    """{(section, key): value} for one section: declared keys parsed, unknown keys refused."""
+    values = {}
+    for (sec, name), key in KEYS.items():
+        if sec != declared:
+            continue
+        text = given.pop(name, key.default)
+        try:
+            values[(section, name)] = key.parse(text)
+        except ValueError as e:
+            raise ConfigError("%s [%s] %s: %s %s" % (label, section, name, _quote_value(name, text), e)) from None
+    for name in given:
+        raise ConfigError("%s [%s] %s: unknown key (hint: %s)" % (
+            label, section, name, _known_keys_hint(name, [n for (s, n) in KEYS if s == declared])))
+    return values
+
+
+def _known_keys_hint(name, known):
+    close = [n for n in known if _similar(n, name)]
+    return ("did you mean %r?" % close[0]) if close else ("the keys are: " + ", ".join(known))
+
+
+def _is_name(text):
+    return text.isidentifier() and text.isascii()
 
 
 def _quote_value(name, text):
@@ -764,6 +844,13 @@ MIGRATIONS = [
         )""",
         "CREATE INDEX deliveries_status ON deliveries (status, updated_at)",
     ],
+    # 2: what handlers need to retry with backoff, claim work, and answer with a result.
+    [
+        "ALTER TABLE deliveries ADD COLUMN duration_ms REAL",
+        "ALTER TABLE deliveries ADD COLUMN next_attempt_at TEXT",
+        "ALTER TABLE deliveries ADD COLUMN claimed_by TEXT",
+        "ALTER TABLE deliveries ADD COLUMN result TEXT",
+    ],
 ]
 
 EVENT_COLUMNS = ("transaction_id", "received_at", "method", "content_type", "remote_addr", "payload",
@@ -884,8 +971,12 @@ class transaction:
         return False
 
 
-def store_event(conn, row, dedupe_window=0):
-    """Insert an event row unless it repeats one: (event_id, duplicate)."""
+def store_event(conn, row, dedupe_window=0, deliveries=(), claim=None):
+    """Insert an event row unless it repeats one: (event_id, duplicate).
+
+    deliveries: [(handler, status)] rows made in the same transaction, so that an event is never
+    stored without the record of what its handlers still have to do.
+    """
     with transaction(conn):
         if row.get("transaction_id") is not None:
             found = conn.execute("SELECT id FROM events WHERE transaction_id = ?",
@@ -905,24 +996,35 @@ def store_event(conn, row, dedupe_window=0):
         cursor = conn.execute("INSERT INTO events (%s) VALUES (%s)" % (
             ", ".join(EVENT_COLUMNS), ", ".join("?" * len(EVENT_COLUMNS))),
             [row.get(c) for c in EVENT_COLUMNS])
+        now = utc_now()
+        for handler, status in deliveries:
+            conn.execute("INSERT INTO deliveries (event_id, handler, status, attempts, updated_at, claimed_by)"
+                         " VALUES (?, ?, ?, 0, ?, ?)", (cursor.lastrowid, handler, status, now,
+                                                        claim if status == "running" else None))
         return cursor.lastrowid, False
 
 
 def save(config, row):
-    """Store an event durably: in SQLite, else in the spool. Returns the answer's fields."""
+    """Store an event durably: in SQLite, else in the spool. Returns (answer fields, problem, claim).
+
+    Inline handlers' deliveries are stored as 'running', claimed by this request; deferred ones
+    as 'pending', for `listener.py deliver`.
+    """
     import sqlite3
+    claim = os.urandom(8).hex()
+    deliveries = [(h.name, "running" if h.run == "inline" else "pending") for h in config.handlers]
     try:
         conn = connect(config)
-        event_id, duplicate = store_event(conn, row, config.dedupe_window)
+        event_id, duplicate = store_event(conn, row, config.dedupe_window, deliveries, claim)
     except (sqlite3.Error, StorageError, OSError) as e:
         spool_append(config, row)  # raises OSError when the spool cannot take it either
-        return {"event_id": None, "duplicate": False, "spooled": True}, e
+        return {"event_id": None, "duplicate": False, "spooled": True}, e, None
     if _spool_waiting(config):
         try:
             spool_import(config, conn)
         except Exception:
             pass  # the spool stays for the next request or `listener.py spool`
-    return {"event_id": event_id, "duplicate": duplicate}, None
+    return {"event_id": event_id, "duplicate": duplicate}, None, claim
 
 
 ###############################################################################
@@ -984,7 +1086,8 @@ def spool_import(config, conn=None):
                 rejected.append(line)
                 continue
             # spool_id is UNIQUE: importing the same record again (after a crash) adds nothing.
-            event_id, duplicate = store_event(conn, record, 0)
+            # Its handlers run later, from `listener.py deliver`.
+            event_id, duplicate = store_event(conn, record, 0, [(h.name, "pending") for h in config.handlers])
             if duplicate:
                 duplicates += 1
             else:
@@ -1040,6 +1143,466 @@ def log(config, environ, level, request_id, message):
         (stream or sys.stderr).flush()
     except Exception:
         pass
+
+
+###############################################################################
+# Handlers ####################################################################
+###############################################################################
+
+HANDLERS_DIR = os.path.join(HERE, "handlers")
+DELIVERY_LEASE = 3600  # seconds after which a 'running' delivery whose process died may be claimed again
+
+
+class Condition:
+    """An only_if expression, parsed once: `path`, `not path`, `path == v`, `path != v`, `path in a, b`."""
+
+    def __init__(self, text):
+        self.text = text = text.strip()
+        self.negate = False
+        for op in (" not in ", " in ", "!=", "=="):
+            left, found, right = text.partition(op)
+            if found:
+                self.path, self.op = left.strip(), op.strip()
+                values = _split_list(right) if "in" in op else [right.strip()]
+                self.values = [v[1:-1] if len(v) > 1 and v[0] == v[-1] and v[0] in "'\"" else v for v in values]
+                break
+        else:
+            self.op, self.values = "truthy", []
+            if text.startswith("not "):
+                self.negate, text = True, text[4:].strip()
+            self.path = text
+        if not self.path or " " in self.path.split(".")[0]:
+            raise ValueError("is not a condition (hint: contact.email, lead-status.label == Hot,"
+                             " fields.Country in US, CA)")
+
+    def __call__(self, event):
+        value = event.get(self.path)
+        text = "" if value is None or isinstance(value, (dict, list)) else str(value).strip()
+        if self.op == "truthy":
+            return bool(text or (isinstance(value, (dict, list)) and value)) != self.negate
+        if self.op == "==":
+            return text == self.values[0]
+        if self.op == "!=":
+            return text != self.values[0]
+        return (text in self.values) == (self.op == "in")
+
+
+class Settings(dict):
+    """A handler's own [handler:NAME] keys as text, with helpers that read them and name the key in errors."""
+
+    def __init__(self, values, name, config):
+        super().__init__(values)
+        self.name, self.section = name, "handler:" + name
+        self.timeout = config.handler_defaults["timeout"]  # this handler's time budget, in seconds
+        self.config_file, self.folder, self.database = config.label, config.folder, config.database
+
+    def error(self, key, problem, hint=None):
+        """A ConfigError naming the file, section, key and value; raise it from check()."""
+        return ConfigError("%s [%s] %s: %r %s%s" % (self.config_file, self.section, key, self.get(key, ""),
+                                                    problem, " (hint: %s)" % hint if hint else ""))
+
+    def path(self, key):
+        """The key's path made absolute from the config file's folder; None when empty."""
+        text = self.get(key, "").strip()
+        return os.path.join(self.folder, os.path.expanduser(text)) if text else None
+
+    def number(self, key, low, high, hint=None):
+        try:
+            value = float(self.get(key, "").strip())
+        except ValueError:
+            raise self.error(key, "is not a number", hint) from None
+        if not low <= value <= high:
+            raise self.error(key, "must be between %g and %g" % (low, high), hint)
+        return int(value) if value == int(value) else value
+
+    def flag(self, key):
+        text = self.get(key, "").strip().lower()
+        if text not in ("yes", "no", "true", "false", "on", "off", "1", "0"):
+            raise self.error(key, "is not yes or no")
+        return text in ("yes", "true", "on", "1")
+
+    def choice(self, key, *choices):
+        text = self.get(key, "").strip().lower()
+        if text not in choices:
+            raise self.error(key, "must be one of: %s" % ", ".join(choices))
+        return text
+
+    def lines(self, key):
+        """The non-empty lines of a multi-line value (indented lines under `key =`)."""
+        return [line.strip() for line in self.get(key, "").splitlines() if line.strip()]
+
+    @staticmethod
+    def expand(text):
+        """${NAME} replaced by the environment variable NAME (LookupError when it is not set)."""
+        return expand_environment(text)
+
+    def pairs(self, key, separator="="):
+        """[(name, value)] from lines such as `email = contact.email`."""
+        out = []
+        for line in self.lines(key):
+            name, found, value = line.partition(separator)
+            if not found or not name.strip():
+                raise self.error(key, "has a line that is not `name %s value`: %r" % (separator, line))
+            out.append((name.strip(), value.strip()))
+        return out
+
+
+def expand_environment(text):
+    """${NAME} replaced by the environment variable NAME; a missing one is an error at delivery time."""
+    out, rest = [], text
+    while "${" in rest:
+        before, _, after = rest.partition("${")
+        name, found, rest = after.partition("}")
+        if not found:
+            return "".join(out) + before + "${" + after
+        if name not in os.environ:
+            raise LookupError("the environment variable %s is not set" % name)
+        out += [before, os.environ[name]]
+    return "".join(out) + rest
+
+
+_modules = {}  # handler module path -> (mtime, module)
+
+
+def _handler_module(name, where):
+    """Import handlers/NAME.py by path (mod_wsgi puts neither our folder nor the cwd on sys.path)."""
+    path = os.path.join(HANDLERS_DIR, name + ".py")
+    try:
+        mtime = os.stat(path).st_mtime_ns
+    except OSError:
+        available = sorted(f[:-3] for f in os.listdir(HANDLERS_DIR) if f.endswith(".py") and f != "__init__.py") \
+            if os.path.isdir(HANDLERS_DIR) else []
+        raise ConfigError("%s: %r is not a module in handlers/ (hint: the handlers are: %s)" % (
+            where, name, ", ".join(available) or "none")) from None
+    cached = _modules.get(path)
+    if cached and cached[0] == mtime:
+        return cached[1]
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("vbout_listener_handlers." + name, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise ConfigError("%s: handlers/%s.py cannot be loaded: %s: %s (hint: run `python3 listener.py"
+                          " check`)" % (where, name, type(e).__name__, _printable(e))) from None
+    if not callable(getattr(module, "handle", None)):
+        raise ConfigError("%s: handlers/%s.py has no handle(event, settings) function (hint: a handler"
+                          " defines `def handle(event, settings):`)" % (where, name))
+    _modules[path] = (mtime, module)
+    return module
+
+
+class Handler:
+    """One enabled handler: its [handler:NAME] section read, its module loaded and checked."""
+
+    def __init__(self, config, name, given):
+        label = config.label
+        common = _check_section(label, "handler:" + name, "handler:*",
+                                {k: given.pop(k) for k in list(given) if ("handler:*", k) in KEYS})
+        get = lambda key: common[("handler:" + name, key)]  # noqa: E731
+        self.name = name
+        self.module_name = get("module") or name
+        where = "%s [handler:%s] module" % (label, name) if get("module") else "%s [handlers] enabled" % label
+        if not _is_name(self.module_name):
+            raise ConfigError("%s: %r is not a module name (hint: the file name in handlers/ without .py,"
+                              " no dots or slashes)" % (where, self.module_name))
+        self.module = _handler_module(self.module_name, where)
+        self.run = get("run") or config.handler_defaults["run"]
+        self.timeout = get("timeout") or config.handler_defaults["timeout"]
+        self.condition = get("only_if")
+        declared = getattr(self.module, "SETTINGS", None)
+        if declared is not None:
+            for key in given:
+                if key not in declared:
+                    raise ConfigError("%s [handler:%s] %s: unknown key (hint: %s)" % (
+                        label, name, key, _known_keys_hint(key, list(declared) + [n for (s, n) in KEYS
+                                                                                 if s == "handler:*"])))
+            given = dict({k: v[0] for k, v in declared.items()}, **given)
+        self.settings = Settings(given, name, config)
+        self.settings.timeout = self.timeout
+        check = getattr(self.module, "check", None)
+        parsed = None
+        if check is not None:
+            try:
+                parsed = check(self.settings)
+            except ConfigError:
+                raise
+            except Exception as e:
+                raise ConfigError("%s [handler:%s]: %s" % (label, name, _printable(e))) from None
+        self.options = self.settings if parsed is None else parsed
+
+
+class Event:
+    """A stored event as handlers see it: the raw tree and forgiving views over Vbout's sections."""
+
+    SECTIONS = {"campaigns_opened": "campaigns-opened", "links_clicked": "links-clicked",
+                "pages_visited": "pages-visited", "automations_triggered": "automation-triggered",
+                "goals_reached": "goals-reached", "webhooks_triggered": "webhooks-triggered",
+                "lead_scores": "lead-score"}
+
+    def __init__(self, id, transaction_id, received_at, method, data, content_type=None):
+        self.id, self.transaction_id, self.received_at = id, transaction_id, received_at
+        self.method, self.data, self.content_type = method, data, content_type
+
+    @classmethod
+    def from_row(cls, row):
+        import json
+        return cls(row["id"], row["transaction_id"], row["received_at"], row["method"],
+                   json.loads(row["payload"]), row["content_type"])
+
+    def __getattr__(self, name):
+        section = self.SECTIONS.get(name)
+        if section is None:
+            raise AttributeError(name)
+        return _items(self.data.get(section))
+
+    @property
+    def query(self):
+        """The query parameters of a GET event (Vbout's shortcode mode); {} for a POST."""
+        return self.data if self.method == "GET" else {}
+
+    @property
+    def contact(self):
+        """id, email, phone and profile_url (None when absent), and any other key Vbout sent."""
+        given = self.data.get("contact")
+        if not isinstance(given, dict):
+            given = {k: self.data[k] for k in ("id", "email", "phone") if k in self.data} \
+                if self.method == "GET" else {}
+        return dict({"id": None, "email": None, "phone": None, "profile_url": None}, **given)
+
+    @property
+    def fields(self):
+        return Fields(_items(self.data.get("fields")))
+
+    @property
+    def lead_status(self):
+        """{'score': ..., 'label': ...} of the latest lead status, or {}."""
+        given = self.data.get("lead-status")
+        if isinstance(given, dict) and not all(isinstance(v, dict) for v in given.values()):
+            return dict(given)
+        items = _items(given)
+        return dict(items[-1]) if items else {}
+
+    def get(self, path, default=None):
+        """A value by dotted path: contact.email, fields.First Name, lead-status.label, links-clicked.0.url."""
+        head, _, rest = path.partition(".")
+        if head == "event":
+            return getattr(self, rest, default) if rest in ("id", "transaction_id", "received_at", "method") \
+                else default
+        if head == "fields":
+            value = self.fields.get(rest) if rest else self.fields.items
+            return default if value is None else value
+        value = {"contact": self.contact, "lead-status": self.lead_status, "lead_status": self.lead_status,
+                 "query": self.query}.get(head, None)
+        parts = rest.split(".") if rest else []
+        if value is None:
+            value, parts = self.data, path.split(".")
+        for part in parts:
+            if isinstance(value, dict):
+                value = value.get(part)
+            elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+                value = value[int(part)]
+            else:
+                return default
+        return default if value is None else value
+
+    def as_dict(self):
+        return {"id": self.id, "transaction_id": self.transaction_id, "received_at": self.received_at,
+                "method": self.method, "data": self.data}
+
+
+def _items(value):
+    """A section as a list of dicts, whether Vbout sent it as a list, keyed by id, one item, or not at all."""
+    if isinstance(value, list):
+        return [item for item in value if isinstance(item, dict)]
+    if isinstance(value, dict):
+        if value and all(isinstance(v, dict) for v in value.values()):
+            return [v if "id" in v else dict(v, id=k) for k, v in value.items()]
+        return [value] if value else []
+    return []
+
+
+class Fields:
+    """Custom fields, by name (`fields["First Name"]`) or by id (`fields["17"]`), and as a list."""
+
+    def __init__(self, items):
+        self.items = items
+        self.by_id = {str(f.get("id")): f.get("value") for f in items if f.get("id") is not None}
+        self.by_name = {str(f.get("name")): f.get("value") for f in items if f.get("name") is not None}
+
+    def get(self, key, default=None):
+        if key in self.by_name:
+            return self.by_name[key]
+        return self.by_id.get(key, default)
+
+    def __getitem__(self, key):
+        value = self.get(key, self)
+        if value is self:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key):
+        return key in self.by_name or key in self.by_id
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self):
+        return len(self.items)
+
+
+class _Workers:
+    """Threads that run handlers, so that one that hangs costs its own delivery, not the request."""
+
+    def __init__(self):
+        self.idle, self.lock = [], None
+
+    def call(self, fn, args, timeout):
+        """(finished, ok, value or exception, traceback text) of fn(*args) within timeout seconds."""
+        import threading
+        from queue import SimpleQueue
+        if self.lock is None:
+            self.lock = threading.Lock()
+        with self.lock:
+            worker = self.idle.pop() if self.idle else None
+        if worker is None:
+            worker = {"jobs": SimpleQueue()}
+            threading.Thread(target=self._loop, args=(worker,), name="vbout-handler", daemon=True).start()
+        done = threading.Event()
+        job = {"fn": fn, "args": args, "done": done, "abandoned": False}
+        worker["jobs"].put(job)
+        if not done.wait(timeout):
+            with self.lock:
+                job["abandoned"] = True
+            return False, False, None, None
+        return True, job["ok"], job["value"], job.get("trace")
+
+    def _loop(self, worker):
+        while True:
+            job = worker["jobs"].get()
+            try:
+                job["value"], job["ok"] = job["fn"](*job["args"]), True
+            except BaseException as e:
+                import traceback
+                job["value"], job["ok"], job["trace"] = e, False, traceback.format_exc()
+            job["done"].set()
+            with self.lock:
+                if job["abandoned"]:
+                    return  # its caller gave up on it; a fresh thread takes its place
+                self.idle.append(worker)
+
+
+_workers = _Workers()
+
+
+def _one_line(text, limit=300):
+    return _printable(" ".join(str(text).split()))[:limit]
+
+
+def run_handler(handler, event, log_error):
+    """Run one handler for one event: (status, last_error, duration_ms, result)."""
+    started = time.perf_counter()
+    if handler.condition is not None:
+        try:
+            if not handler.condition(event):
+                return "skipped", None, 0.0, None
+        except Exception as e:
+            return "failed", "only_if could not be evaluated: %s" % _one_line(e), 0.0, None
+    finished, ok, value, trace = _workers.call(handler.module.handle, (event, handler.options), handler.timeout)
+    duration = (time.perf_counter() - started) * 1000
+    if not finished:
+        return "failed", "timed out after %g s" % handler.timeout, duration, None
+    if not ok:
+        for line in (trace or "").rstrip().splitlines():
+            log_error("handler %s, event %s: %s" % (handler.name, event.id, _printable(line)))
+        message = str(value) or type(value).__name__
+        return "failed", _one_line("%s: %s" % (type(value).__name__, message)), duration, None
+    result = None
+    if isinstance(value, dict):
+        result = {str(k)[:64]: (v[:200] if isinstance(v, str) else v) for k, v in list(value.items())[:20]
+                  if v is None or isinstance(v, (str, int, float, bool))}
+    return "done", None, duration, result
+
+
+def _record(conn, config, event_id, handler_name, claim, outcome):
+    """Write a delivery's outcome, unless another run has claimed it since."""
+    status, error, duration, result = outcome
+    now = time.time()
+    next_at = None
+    with transaction(conn):
+        if status == "failed":
+            attempts = conn.execute("SELECT attempts FROM deliveries WHERE event_id = ? AND handler = ?",
+                                    (event_id, handler_name)).fetchone()[0] + 1
+            delay = min(config.handler_defaults["retry_delay"] * 2 ** (attempts - 1), 86400)
+            next_at = utc_now(now + delay)
+        conn.execute("UPDATE deliveries SET status = ?, attempts = attempts + ?, last_error = ?,"
+                     " duration_ms = ?, updated_at = ?, next_attempt_at = ?, result = ?, claimed_by = NULL"
+                     " WHERE event_id = ? AND handler = ? AND claimed_by = ?",
+                     (status, 0 if status == "skipped" else 1, error, round(duration, 2), utc_now(now), next_at,
+                      json_dumps(result) if result else None, event_id, handler_name, claim))
+
+
+def claim_deliveries(conn, config, kind, event_id=None, handler_name=None, limit=100):
+    """Claim deliveries in one transaction, so that two cron runs never run the same one.
+
+    kind: 'pending' (deliver), 'failed' (retry, those due and under max_attempts), or
+    'replay' (event_id's deliveries, whatever their status). Returns [(event_id, handler)].
+    """
+    names = [h.name for h in config.handlers]
+    if handler_name is not None:
+        names = [n for n in names if n == handler_name]
+    if not names:
+        return [], None
+    claim, now = os.urandom(8).hex(), utc_now()
+    marks = ", ".join("?" * len(names))
+    with transaction(conn):
+        if kind == "replay":
+            for name in names:
+                if not conn.execute("SELECT 1 FROM deliveries WHERE event_id = ? AND handler = ?",
+                                    (event_id, name)).fetchone():
+                    conn.execute("INSERT INTO deliveries (event_id, handler, status, attempts, updated_at)"
+                                 " VALUES (?, ?, 'pending', 0, ?)", (event_id, name, now))
+            rows = conn.execute("SELECT event_id, handler FROM deliveries WHERE event_id = ? AND handler IN (%s)"
+                                % marks, [event_id] + names).fetchall()
+        elif kind == "pending":
+            stale = utc_now(time.time() - DELIVERY_LEASE)
+            rows = conn.execute("SELECT event_id, handler FROM deliveries WHERE handler IN (%s) AND"
+                                " (status = 'pending' OR (status = 'running' AND updated_at < ?))"
+                                " ORDER BY event_id LIMIT ?" % marks, names + [stale, limit]).fetchall()
+        else:
+            rows = conn.execute("SELECT event_id, handler FROM deliveries WHERE handler IN (%s) AND"
+                                " status = 'failed' AND attempts < ? AND (next_attempt_at IS NULL OR"
+                                " next_attempt_at <= ?) ORDER BY event_id LIMIT ?" % marks,
+                                names + [config.handler_defaults["max_attempts"], now, limit]).fetchall()
+        for row in rows:
+            conn.execute("UPDATE deliveries SET status = 'running', claimed_by = ?, updated_at = ?"
+                         " WHERE event_id = ? AND handler = ?", (claim, now, row[0], row[1]))
+    return [tuple(r) for r in rows], claim
+
+
+def run_claimed(conn, config, claimed, claim, log_error, events=None):
+    """Run claimed deliveries and record each outcome: {(event_id, handler): outcome}."""
+    import sqlite3
+    outcomes = {}
+    for event_id, handler_name in claimed:
+        event = (events or {}).get(event_id)
+        if event is None:
+            conn.row_factory = sqlite3.Row
+            try:
+                row = conn.execute("SELECT * FROM events WHERE id = ?", (event_id,)).fetchone()
+            finally:
+                conn.row_factory = None
+            event = Event.from_row(row)
+        outcome = run_handler(config.handler(handler_name), event, log_error)
+        _record(conn, config, event_id, handler_name, claim, outcome)
+        outcomes[(event_id, handler_name)] = outcome
+    return outcomes
+
+
+def failing_deliveries(conn, limit=20):
+    """The deliveries still failing, newest first: [(event_id, handler, attempts, last_error)]."""
+    return conn.execute("SELECT event_id, handler, attempts, last_error FROM deliveries WHERE status = 'failed'"
+                        " ORDER BY updated_at DESC LIMIT ?", (limit,)).fetchall()
 
 
 ###############################################################################
@@ -1106,9 +1669,11 @@ def _handle(environ, config, request_id, method):
         content_type = environ.get("CONTENT_TYPE") or None
         tree = _parse_body(raw, content_type, limits)
     row = _event_row(tree, raw, method, content_type, remote)
-    del tree  # the row holds it as JSON now; a large body's tree need not outlive that
+    inline = [h for h in config.handlers if h.run == "inline"]
+    if not inline:
+        del tree  # the row holds it as JSON now: a large body's tree need not outlive that
     try:
-        answer, problem = save(config, row)
+        answer, problem, claim = save(config, row)
     except OSError as e:
         log(config, environ, "error", request_id, "neither the database nor the spool took the event: %s"
             % _printable(e))
@@ -1116,8 +1681,20 @@ def _handle(environ, config, request_id, method):
     if problem is not None:
         log(config, environ, "warning", request_id, "database unavailable, event spooled: %s" % _printable(problem))
         return 200, dict({"ok": True}, **answer), "spooled"
-    return 200, dict({"ok": True}, **answer), "event=%d%s" % (
-        answer["event_id"], " duplicate" if answer["duplicate"] else "")
+    answer = dict({"ok": True}, **answer)
+    note = "event=%d%s" % (answer["event_id"], " duplicate" if answer["duplicate"] else "")
+    if inline and not answer["duplicate"]:
+        event = Event(answer["event_id"], row["transaction_id"], row["received_at"], method, tree, content_type)
+        del tree
+        outcomes = run_claimed(connect(config), config, [(event.id, h.name) for h in inline], claim,
+                               lambda line: log(config, environ, "error", request_id, line), {event.id: event})
+        note += " " + " ".join("%s=%s" % (name, outcome[0]) for (_, name), outcome in outcomes.items())
+        for item in config.respond_with:
+            name, _, key = item.partition(".")
+            status, _, _, result = outcomes[(event.id, name)]
+            if status == "done" and result and key in result:
+                answer.setdefault(name, {})[key] = result[key]
+    return 200, answer, note
 
 
 def _parse_body(raw, content_type, limits):
@@ -1477,12 +2054,34 @@ def _write_secret(path, secret):
 
 
 def config_template():
-    """The text of a config.ini with every key at its default, each with its help."""
+    """The text of config.ini: every key at its default with its help, and each shipped handler's
+    section commented out with its own keys (from the module's SETTINGS)."""
     import textwrap
-    out = ["# Vbout listener settings. Relative paths are relative to this file's folder.", "", "[listener]"]
+
+    def comment(text, prefix="# "):
+        return [prefix + line for line in textwrap.wrap(text, 100 - len(prefix))]
+
+    out = ["# Vbout listener settings. Relative paths are relative to this file's folder.",
+           "# Every key is listed at its default; `python3 listener.py check` tells what is wrong.", ""]
+    for section, title in (("listener", "[listener]"), ("handlers", "[handlers]")):
+        out.append(title)
+        for key in KEYS.values():
+            if key.section == section:
+                out += comment(key.help) + [("%s = %s" % (key.name, key.default)).rstrip(), ""]
+    out += comment("Each handler named in [handlers] enabled reads its own [handler:NAME] section. Besides"
+                   " the keys of its module, any handler section may set:")
     for key in KEYS.values():
-        out += ["# " + line for line in textwrap.wrap(key.help, 96)]
-        out += [("%s = %s" % (key.name, key.default)).rstrip(), ""]
+        if key.section == "handler:*":
+            out += comment("%s: %s" % (key.name, key.help), "#   ")
+    out.append("")
+    for name in sorted(f[:-3] for f in os.listdir(HANDLERS_DIR) if f.endswith(".py") and f != "__init__.py"):
+        module = _handler_module(name, "handlers/%s.py" % name)
+        doc = (module.__doc__ or name).strip().splitlines()[0]
+        out += ["# --- %s: %s" % (name, doc), "# [handler:%s]" % name]
+        for key, (default, help) in getattr(module, "SETTINGS", {}).items():
+            out += comment(help, "#   ")
+            out += [("# " + line).rstrip() for line in ("%s = %s" % (key, default)).splitlines()]
+        out.append("")
     return "\n".join(out)
 
 
@@ -1497,6 +2096,69 @@ def cmd_spool(args):
     if imported or duplicates or bad:
         print("imported %d spooled events (%d already stored, %d unreadable lines kept in %s.bad)" % (
             imported, duplicates, bad, config.spool_file))
+    return 0
+
+
+def _delivery_run(args, kind, event_id=None, handler_name=None):
+    """Claim and run deliveries; print what still fails. Exit status 1 when something does."""
+    config = _load_or_exit(args.config or config_path())
+    if handler_name is not None and config.handler(handler_name) is None:
+        print("error: %r is not in [handlers] enabled of %s" % (handler_name, config.label), file=sys.stderr)
+        return 2
+    conn = connect(config)
+    if event_id is not None and not conn.execute("SELECT 1 FROM events WHERE id = ?", (event_id,)).fetchone():
+        print("error: there is no event %d" % event_id, file=sys.stderr)
+        return 2
+    errors = lambda line: log(config, None, "error", "cli", line)  # noqa: E731
+    ran = {}
+    while True:
+        claimed, claim = claim_deliveries(conn, config, kind, event_id, handler_name)
+        if not claimed:
+            break
+        ran.update(run_claimed(conn, config, claimed, claim, errors))
+        if kind == "replay":
+            break
+    failed = [(k, o) for k, o in ran.items() if o[0] == "failed"]
+    if kind == "replay":
+        for (eid, name), (status, error, duration, _) in ran.items():
+            print("event %d %s: %s%s (%.0f ms)" % (eid, name, status, ": " + error if error else "", duration))
+        return 1 if failed else 0
+    still = failing_deliveries(conn)
+    for eid, name, attempts, error in still:
+        print("event %d %s: failed %d time%s: %s" % (eid, name, attempts, "" if attempts == 1 else "s", error))
+    return 1 if still else 0
+
+
+def cmd_deliver(args):
+    """Run pending deliveries (deferred handlers, spooled events): for cron; silent when all succeed."""
+    return _delivery_run(args, "pending")
+
+
+def cmd_retry(args):
+    """Retry failed deliveries that are due, with exponential backoff, up to [handlers] max_attempts."""
+    return _delivery_run(args, "failed")
+
+
+def cmd_replay(args):
+    """Run the handlers for one event again, on purpose, whatever they did before."""
+    return _delivery_run(args, "replay", args.event_id, args.handler)
+
+
+def cmd_check(args):
+    """Check config.ini and the handlers it enables; print each problem with its fix."""
+    path = args.config or config_path()
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        print("problem: %s" % e)
+        return 1
+    print("ok: %s is valid" % config.label)
+    for handler in config.handlers:
+        print("ok: handler %s (handlers/%s.py, %s, timeout %g s)" % (
+            handler.name, handler.module_name, handler.run, handler.timeout))
+    if not config.secret:
+        print("problem: [listener] secret is empty, so every call is refused (fix: python3 listener.py init)")
+        return 1
     return 0
 
 
@@ -1525,6 +2187,12 @@ def main(argv=None):
     p.set_defaults(func=cmd_init)
     p = commands.add_parser("spool", help=cmd_spool.__doc__, description=cmd_spool.__doc__)
     p.set_defaults(func=cmd_spool)
+    for name, func in (("deliver", cmd_deliver), ("retry", cmd_retry), ("check", cmd_check)):
+        commands.add_parser(name, help=func.__doc__, description=func.__doc__).set_defaults(func=func)
+    p = commands.add_parser("replay", help=cmd_replay.__doc__, description=cmd_replay.__doc__)
+    p.add_argument("event_id", type=int, metavar="EVENT_ID", help="the event's id (events.id)")
+    p.add_argument("--handler", metavar="NAME", help="only this handler (default: every enabled one)")
+    p.set_defaults(func=cmd_replay)
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()

@@ -100,12 +100,35 @@ def test_every_key_is_documented_in_config_ini_and_readme():
     config_ini = open(os.path.join(ROOT, "config.ini")).read()
     readme = open(os.path.join(ROOT, "README.md")).read()
     for (section, name) in listener.KEYS:
-        assert re.search(r"^%s =" % name, config_ini, re.M), "%s missing from config.ini" % name
+        pattern = r"^%s =" % name if section != "handler:*" else r"^#   %s: " % name
+        assert re.search(pattern, config_ini, re.M), "[%s] %s missing from config.ini" % (section, name)
         assert "`%s`" % name in readme, "%s missing from README.md" % name
+
+
+def test_every_shipped_handler_key_is_documented():
+    config_ini = open(os.path.join(ROOT, "config.ini")).read()
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    for module in sorted(os.listdir(os.path.join(ROOT, "handlers"))):
+        if module.endswith(".py") and module != "__init__.py":
+            name = module[:-3]
+            loaded = listener._handler_module(name, "test")
+            assert "# [handler:%s]" % name in config_ini and "**`%s`**" % name in readme
+            section = config_ini.split("# [handler:%s]" % name, 1)[1].split("# ---", 1)[0]
+            for key in getattr(loaded, "SETTINGS", {}):
+                assert re.search(r"^# %s =" % key, section, re.M), "%s %s missing from config.ini" % (name, key)
+                assert "`%s`" % key in readme, "%s %s missing from README.md" % (name, key)
+
+
+def test_shipped_config_ini_is_the_template():
+    """config.ini is generated from the key declarations: python3 -c 'import listener; print(listener.config_template())'"""
+    with open(os.path.join(ROOT, "config.ini")) as f:
+        assert f.read() == listener.config_template() + "\n"
 
 
 def test_shipped_config_ini_is_valid_and_at_defaults():
     config = listener.load_config(os.path.join(ROOT, "config.ini"))
     defaults = listener.load_config(None)
     for (section, name) in listener.KEYS:
-        assert getattr(config, name) == getattr(defaults, name)
+        if section == "listener":
+            assert getattr(config, name) == getattr(defaults, name)
+    assert config.handler_defaults == defaults.handler_defaults and config.handlers == []

@@ -1,0 +1,54 @@
+"""Appends one JSON line per event to a file (private permissions, rotated by size).
+
+Each line: {"event_id", "transaction_id", "received_at", "data"}. When the file would grow past
+`max_bytes`, it becomes FILE.1 (FILE.1 becomes FILE.2, and so on, `keep` of them).
+"""
+
+import fcntl
+import json
+import os
+
+SETTINGS = {
+    "path": ("data/events.jsonl", "The file to append to (created 0600)."),
+    "max_bytes": ("10485760", "Rotate when the file would grow past this many bytes; 0 never rotates."),
+    "keep": ("5", "How many rotated files to keep."),
+    "fsync": ("no", "yes: flush each line to disk before the delivery counts as done (slower)."),
+}
+
+
+def check(settings):
+    return {"path": settings.path("path"), "max_bytes": settings.number("max_bytes", 0, 1 << 40),
+            "keep": settings.number("keep", 1, 1000), "fsync": settings.flag("fsync")}
+
+
+def handle(event, options):
+    line = (json.dumps(event.as_dict(), ensure_ascii=False) + "\n").encode("utf-8")
+    append(options["path"], line, options["max_bytes"], options["keep"], options["fsync"])
+    return None
+
+
+def append(path, data, max_bytes=0, keep=5, sync=False):
+    """Append data under an exclusive lock, rotating first when the file would pass max_bytes."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    lock = os.open(path + ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if max_bytes:
+            try:
+                size = os.path.getsize(path)
+            except OSError:
+                size = 0
+            if size and size + len(data) > max_bytes:
+                for n in range(keep - 1, 0, -1):
+                    if os.path.exists("%s.%d" % (path, n)):
+                        os.replace("%s.%d" % (path, n), "%s.%d" % (path, n + 1))
+                os.replace(path, path + ".1")
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, data)
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(lock)
