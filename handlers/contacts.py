@@ -14,10 +14,13 @@ import os
 import sqlite3
 import threading
 
+LOCAL = True  # only local SQLite, bounded by its busy timeout: runs in the request's thread
+
 SETTINGS = {
     "database": ("", "SQLite file for the contact tables; empty keeps them in the events database."),
 }
 
+# WITHOUT ROWID: each row lives in one b-tree (its key), not in a table plus a unique index.
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS contacts (
         contact_key TEXT PRIMARY KEY,
@@ -28,7 +31,7 @@ SCHEMA = [
         first_seen TEXT NOT NULL,
         last_seen TEXT NOT NULL,
         last_event_id INTEGER
-    )""",
+    ) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS contacts_email ON contacts (email)",
     """CREATE TABLE IF NOT EXISTS contact_fields (
         contact_key TEXT NOT NULL,
@@ -38,9 +41,8 @@ SCHEMA = [
         value TEXT,
         updated_at TEXT NOT NULL,
         PRIMARY KEY (contact_key, field_key)
-    )""",
+    ) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS activities (
-        id INTEGER PRIMARY KEY,
         contact_key TEXT NOT NULL,
         kind TEXT NOT NULL,
         item_id TEXT NOT NULL DEFAULT '',
@@ -49,17 +51,16 @@ SCHEMA = [
         date TEXT NOT NULL DEFAULT '',
         value TEXT NOT NULL DEFAULT '',
         event_id INTEGER,
-        UNIQUE (contact_key, kind, item_id, name, url, date, value)
-    )""",
-    "CREATE INDEX IF NOT EXISTS activities_kind ON activities (kind, date)",
+        PRIMARY KEY (contact_key, kind, item_id, name, url, date, value)
+    ) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS lead_status (
         contact_key TEXT NOT NULL,
         score TEXT NOT NULL DEFAULT '',
         label TEXT NOT NULL DEFAULT '',
         seen_at TEXT NOT NULL,
         event_id INTEGER,
-        UNIQUE (contact_key, score, label, seen_at)
-    )""",
+        PRIMARY KEY (contact_key, seen_at, score, label)
+    ) WITHOUT ROWID""",
 ]
 
 # Event view -> (activity kind, the item's keys for item_id, name, url, date, value).
@@ -90,18 +91,14 @@ def handle(event, options):
     seen = event.received_at
     conn.execute("BEGIN IMMEDIATE")
     try:
-        _save_contact(conn, key, contact, seen, event.id)
-        for field in event.fields:
-            field_id, name = _text(field.get("id")), _text(field.get("name"))
-            field_key = "id:" + field_id if field_id else "name:" + name
-            if field_id or name:
-                _upsert(conn, "contact_fields", ("contact_key", "field_key"), (key, field_key),
-                        {"field_id": field_id, "name": name, "value": _text(field.get("value"))}, seen)
+        new = _save_contact(conn, key, contact, seen, event.id)
+        _save_fields(conn, key, event.fields, seen, new)
+        rows = []
         for view, kind, keys in ACTIVITIES:
             for item in getattr(event, view):
-                values = [_text(item.get(k)) if k else "" for k in keys]
-                conn.execute("INSERT OR IGNORE INTO activities (contact_key, kind, item_id, name, url, date,"
-                             " value, event_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [key, kind] + values + [event.id])
+                rows.append([key, kind] + [_text(item.get(k)) if k else "" for k in keys] + [event.id])
+        conn.executemany("INSERT OR IGNORE INTO activities (contact_key, kind, item_id, name, url, date, value,"
+                         " event_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
         status = event.lead_status
         if status:
             conn.execute("INSERT OR IGNORE INTO lead_status (contact_key, score, label, seen_at, event_id)"
@@ -115,36 +112,51 @@ def handle(event, options):
 
 
 def _save_contact(conn, key, contact, seen, event_id):
-    row = conn.execute("SELECT first_seen, last_seen FROM contacts WHERE contact_key = ?", (key,)).fetchone()
+    """Insert or update the contact's row; True when it is new."""
     values = (_text(contact["id"]), _text(contact["email"]), _text(contact["phone"]),
               _text(contact["profile_url"]))
-    if row is None:
-        conn.execute("INSERT INTO contacts (contact_key, vbout_id, email, phone, profile_url, first_seen,"
-                     " last_seen, last_event_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                     (key,) + values + (seen, seen, event_id))
-        return
-    if seen < row[0]:
+    before = conn.total_changes
+    conn.execute("INSERT OR IGNORE INTO contacts (contact_key, vbout_id, email, phone, profile_url, first_seen,"
+                 " last_seen, last_event_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (key,) + values + (seen, seen, event_id))
+    if conn.total_changes != before:
+        return True
+    first_seen, last_seen = conn.execute("SELECT first_seen, last_seen FROM contacts WHERE contact_key = ?",
+                                         (key,)).fetchone()
+    if seen < first_seen:
         conn.execute("UPDATE contacts SET first_seen = ? WHERE contact_key = ?", (seen, key))
-    if seen >= row[1]:  # the latest event wins; an older one (a replay) changes nothing
-        conn.execute("UPDATE contacts SET vbout_id = coalesce(?, vbout_id), email = coalesce(?, email),"
-                     " phone = coalesce(?, phone), profile_url = coalesce(?, profile_url), last_seen = ?,"
-                     " last_event_id = ? WHERE contact_key = ?", values + (seen, event_id, key))
+    if seen >= last_seen:  # the latest event wins; an older one (a replay) changes nothing
+        conn.execute("UPDATE contacts SET vbout_id = coalesce(nullif(?, ''), vbout_id),"
+                     " email = coalesce(nullif(?, ''), email), phone = coalesce(nullif(?, ''), phone),"
+                     " profile_url = coalesce(nullif(?, ''), profile_url), last_seen = ?, last_event_id = ?"
+                     " WHERE contact_key = ?", values + (seen, event_id, key))
+    return False
 
 
-def _upsert(conn, table, key_columns, key_values, values, seen):
-    where = " AND ".join("%s = ?" % c for c in key_columns)
-    row = conn.execute("SELECT updated_at FROM %s WHERE %s" % (table, where), key_values).fetchone()
-    if row is None:
-        columns = list(key_columns) + list(values) + ["updated_at"]
-        conn.execute("INSERT INTO %s (%s) VALUES (%s)" % (table, ", ".join(columns), ", ".join("?" * len(columns))),
-                     list(key_values) + list(values.values()) + [seen])
-    elif seen >= row[0]:
-        sets = ", ".join("%s = ?" % c for c in values)
-        conn.execute("UPDATE %s SET %s, updated_at = ? WHERE %s" % (table, sets, where),
-                     list(values.values()) + [seen] + list(key_values))
+def _save_fields(conn, key, fields, seen, new_contact):
+    """Each custom field's latest value: new ones inserted, older ones updated, newer ones left alone."""
+    known = {} if new_contact else dict(conn.execute(
+        "SELECT field_key, updated_at FROM contact_fields WHERE contact_key = ?", (key,)))
+    inserts, updates = [], []
+    for field in fields:
+        field_id, name = _text(field.get("id")), _text(field.get("name"))
+        if not (field_id or name):
+            continue
+        field_key = "id:" + field_id if field_id else "name:" + name
+        value = _text(field.get("value"))
+        if field_key not in known:
+            inserts.append((key, field_key, field_id, name, value, seen))
+            known[field_key] = seen
+        elif seen >= known[field_key]:  # the latest event wins; a replayed older one changes nothing
+            updates.append((field_id, name, value, seen, key, field_key))
+    conn.executemany("INSERT INTO contact_fields (contact_key, field_key, field_id, name, value, updated_at)"
+                     " VALUES (?, ?, ?, ?, ?, ?)", inserts)
+    conn.executemany("UPDATE contact_fields SET field_id = ?, name = ?, value = ?, updated_at = ?"
+                     " WHERE contact_key = ? AND field_key = ?", updates)
 
 
 def _text(value):
+    if value.__class__ is str:  # nearly always, from a form
+        return value.strip()
     if value is None or isinstance(value, (dict, list)):
         return ""
     return str(value).strip()

@@ -10,6 +10,8 @@ import fcntl
 import io
 import os
 
+LOCAL = True  # a local file: runs in the request's thread
+
 SETTINGS = {
     "path": ("data/contacts.csv", "The file to append to (created 0600)."),
     "columns": ("\n    Received = event.received_at\n    Event = event.id\n    Email = contact.email\n"

@@ -8,6 +8,8 @@ import fcntl
 import json
 import os
 
+LOCAL = True  # a local file: runs in the request's thread
+
 SETTINGS = {
     "path": ("data/events.jsonl", "The file to append to (created 0600)."),
     "max_bytes": ("10485760", "Rotate when the file would grow past this many bytes; 0 never rotates."),

@@ -642,3 +642,11 @@ def test_every_shipped_handler_has_tests():
     tests = [name for name in globals() if name.startswith("test_")]
     for name in names:
         assert any(t.startswith("test_%s_" % name) for t in tests), name
+
+
+def test_inline_outcome_record_leaves_the_connection_durable(tmp_path, own_handlers):
+    own_handlers("records", RECORDS)
+    site = handler_site(tmp_path, "records")
+    site.post(b"transactionid=1")
+    assert listener.connect(site.config).execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again
+    assert deliveries(site)[0]["status"] == "done"

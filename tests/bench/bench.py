@@ -8,6 +8,8 @@
 2. A CGI request storing a typical Vbout POST (~3.3 KB) against a do-nothing CGI script that
    answers through wsgiref.handlers, each a fresh process as under Apache (target: <= 2x).
 3. Peak memory (VmHWM) of a process handling a 1 MB body through `application` (target: <= 30 MB).
+4. A typical Vbout POST through `application` with the contacts and jsonl handlers inline against
+   the same with no handlers, in one process (target: <= 2x).
 
 Timings are medians of interleaved runs: this machine is shared and noisy, so the ratios are
 what to read. Nothing here is a pass/fail test; it prints figures.
@@ -186,6 +188,44 @@ def bench_memory(folder):
           " any request: %.1f MB" % (len(body) / 1e6, body.count(b"&") + 1, hwm / 1024, int(baseline) / 1024))
 
 
+def bench_handlers(quick, folder):
+    import io
+    rounds = 60 if quick else 300
+    print("4. A typical Vbout POST through application: contacts + jsonl inline vs no handlers"
+          " (%d each, interleaved, in-process)" % rounds)
+    configs = []
+    for name, extra in (("plain", ""), ("handled", "[handlers]\nenabled = contacts, jsonl\n")):
+        os.makedirs(os.path.join(folder, name))
+        configs.append(write_config(os.path.join(folder, name)))
+        with open(configs[-1], "a") as f:
+            f.write(extra)
+    bodies = [vbout_body(n) for n in range(rounds + 5)]  # made before timing anything
+
+    def post(config, body):
+        environ = {"REQUEST_METHOD": "POST", "QUERY_STRING": "key=" + SECRET, "CONTENT_LENGTH": str(len(body)),
+                   "CONTENT_TYPE": "application/x-www-form-urlencoded", "wsgi.input": io.BytesIO(body),
+                   "wsgi.errors": sys.stderr, "VBOUT_LISTENER_CONFIG": config}
+        status = []
+        out = b"".join(listener.application(environ, lambda s, h, e=None: status.append(s)))
+        assert status[0].startswith("200") and b'"duplicate": false' in out, out
+
+    results = {config: ([], []) for config in configs}
+    for body in bodies[:5]:  # warm up: connections, handler modules, worker threads
+        for config in configs:
+            post(config, body)
+    for body in bodies[5:]:
+        for config in configs:
+            wall, cpu = time.perf_counter(), time.process_time()
+            post(config, body)
+            results[config][0].append(time.perf_counter() - wall)
+            results[config][1].append(time.process_time() - cpu)
+    (pw, pc), (hw, hc) = [(statistics.median(w) * 1000, statistics.median(c) * 1000) for w, c in results.values()]
+    print("   no handlers:      %5.2f ms wall, %5.2f ms CPU per request (median)" % (pw, pc))
+    print("   contacts + jsonl: %5.2f ms wall, %5.2f ms CPU per request (median)" % (hw, hc))
+    print("   ratio: CPU %.2f (target <= 2.0); wall %.2f (each SQLite commit waits for the disk's fsync)"
+          % (hc / pc, hw / pw))
+
+
 def main():
     quick = "--quick" in sys.argv
     print("Vbout listener %s, Python %s, SQLite %s" % (
@@ -195,6 +235,7 @@ def main():
         bench_parse(quick)
         bench_cgi(quick, folder)
         bench_memory(folder)
+        bench_handlers(quick, folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
