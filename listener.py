@@ -74,6 +74,11 @@ class _JSON:
 
 json_dumps = _JSON.dumps
 
+
+def json_loads(text):
+    import json  # loaded only where JSON is read: it pulls in `re`
+    return json.loads(text)
+
 ###############################################################################
 # Errors ######################################################################
 ###############################################################################
@@ -864,6 +869,8 @@ try:
 except ImportError:  # pragma: no cover
     from threading import local as _ThreadLocal
 
+SQLITE_MINIMUM = (3, 8, 3)  # partial indexes (3.8.0) and WITHOUT ROWID tables (3.8.2)
+
 _connections = _ThreadLocal()  # each thread keeps its own connections: never shared across threads
 
 
@@ -912,7 +919,13 @@ def close_connections():
 
 
 def _open(config, path, create):
-    import sqlite3
+    try:
+        import sqlite3
+    except ImportError:
+        raise StorageError("this Python has no sqlite3 module: events are spooled until it has one") from None
+    if sqlite3.sqlite_version_info < SQLITE_MINIMUM:
+        raise StorageError("SQLite %s is too old (the listener needs %s or newer): events are spooled"
+                           % (sqlite3.sqlite_version, ".".join(map(str, SQLITE_MINIMUM))))
     if create:
         # Made here first so that the file (and the -wal and -shm that copy its mode) is private.
         _private_folder(os.path.dirname(path))
@@ -1351,9 +1364,8 @@ class Event:
 
     @classmethod
     def from_row(cls, row):
-        import json
         return cls(row["id"], row["transaction_id"], row["received_at"], row["method"],
-                   json.loads(row["payload"]), row["content_type"])
+                   json_loads(row["payload"]), row["content_type"])
 
     def __getattr__(self, name):
         section = self.SECTIONS.get(name)
@@ -1696,7 +1708,7 @@ def _handle(environ, config, request_id, method):
                         [("Allow", ", ".join(ALLOWED_METHODS))])
     limits = (config.max_params, config.max_depth)
     if method == "HEAD" or (method == "GET" and not _without_key(query)):
-        return 200, _health(config), "health"
+        return 200, _health(config, environ), "health"
     if method == "GET":
         tree = parse_query(query, *limits)
         raw, content_type = _without_key(query).encode("latin-1"), None
@@ -1858,14 +1870,25 @@ def _address_in(address, networks):
     return any(ip in net for net in networks)
 
 
-def _health(config):
+def _health(config, environ):
     """The answer to a call that carries only the key."""
     try:
         connect(config)
         database = "ok"
     except Exception:
         database = "unavailable"
-    return {"ok": True, "status": "ready", "database": database, "version": __version__}
+    return {"ok": True, "status": "ready", "database": database, "server": _server_kind(environ),
+            "version": __version__}
+
+
+def _server_kind(environ):
+    if "mod_wsgi.version" in environ:
+        return "mod_wsgi " + ("daemon" if environ.get("mod_wsgi.process_group") else "embedded")
+    if os.environ.get("IN_PASSENGER") or "passenger.hijack" in environ:
+        return "passenger"
+    if environ.get("wsgi.run_once"):  # a process per request (wsgiref's server sets GATEWAY_INTERFACE too)
+        return "cgi"
+    return str(environ.get("SERVER_SOFTWARE", "wsgi")).split("/")[0][:40] or "wsgi"
 
 
 def _text_value(value, limit=320):
@@ -2181,22 +2204,132 @@ def cmd_replay(args):
     return _delivery_run(args, "replay", args.event_id, args.handler)
 
 
-def cmd_check(args):
-    """Check config.ini and the handlers it enables; print each problem with its fix."""
-    path = args.config or config_path()
+SERVER_PATH = "/usr/local/bin:/usr/bin:/bin"  # what a web server's PATH usually holds
+SHEBANG = b"#!/usr/bin/env python3"
+
+
+def doctor(path, url=None):
+    """The deployment checks, as [(ok, text, fix)]: shared by `check` and the tests."""
+    import shutil
+    results = []
+
+    def report(ok, good, bad=None, fix=None):
+        results.append((True, good, None) if ok else (False, bad or good, fix))
+
+    report(sys.version_info >= (3, 8), "Python %s (%s)" % (sys.version.split()[0], sys.executable),
+           fix="use Python 3.8 or newer")
+    server_python = shutil.which("python3", path=SERVER_PATH)
+    report(server_python is not None, "a web server's PATH finds python3 for the shebang: %s" % server_python,
+           "no python3 on a web server's usual PATH (%s)" % SERVER_PATH,
+           "install python3 in /usr/bin, or put its full path on the first line of listener.py")
+    try:
+        import sqlite3
+        report(sqlite3.sqlite_version_info >= SQLITE_MINIMUM, "SQLite %s" % sqlite3.sqlite_version,
+               "SQLite %s is older than %s" % (sqlite3.sqlite_version, ".".join(map(str, SQLITE_MINIMUM))),
+               "use a newer Python or one built with a newer SQLite")
+    except ImportError:
+        report(False, "", "this Python has no sqlite3 module", "use a Python built with sqlite3")
+    with open(os.path.abspath(__file__), "rb") as f:
+        source = f.read()
+    report(source.startswith(SHEBANG + b"\n"), "listener.py starts with %s" % SHEBANG.decode(),
+           "listener.py does not start with %s" % SHEBANG.decode(),
+           "upload listener.py again in binary mode, unchanged")
+    report(b"\r\n" not in source, "listener.py has Unix (LF) line endings",
+           "listener.py has Windows (CRLF) line endings, from an FTP upload in text mode: the web server"
+           " cannot run it", "upload it again in binary mode, or run: sed -i 's/\\r$//' listener.py")
+    report(os.access(os.path.abspath(__file__), os.X_OK), "listener.py is executable",
+           "listener.py is not executable", "chmod 755 listener.py")
     try:
         config = load_config(path)
     except ConfigError as e:
-        print("problem: %s" % e)
-        return 1
-    print("ok: %s is valid" % config.label)
+        report(False, "", "config: %s" % e, "edit the file as the hint says")
+        return results
+    report(True, "%s is valid" % config.label)
+    if config.path:
+        mode = os.stat(config.path).st_mode & 0o777
+        report(not mode & 0o007, "%s is readable by its owner only (mode %o)" % (config.label, mode),
+               "%s is readable by every user of this machine (mode %o)" % (config.label, mode),
+               "chmod 600 %s (640 if the web server reads it through your group)" % config.label)
+    secret = config.secret[0].decode() if config.secret else ""
+    report(len(secret) >= 24 and len(set(secret)) >= 12, "[listener] secret is set and strong",
+           "[listener] secret is empty: every call is refused" if not secret else
+           "[listener] secret is short or repetitive: it could be guessed",
+           "python3 listener.py init writes a strong one (24 or more random characters)")
+    for name, label in (("database", "database"), ("spool_file", "spool")):
+        folder = os.path.dirname(getattr(config, name))
+        exists = os.path.isdir(folder)
+        report(os.access(folder if exists else os.path.dirname(folder), os.W_OK),
+               "the %s folder %s is writable" % (label, folder), "the %s folder %s is not writable" % (label, folder),
+               "make it writable by the web server's user (chown it, or chmod 700)")
+        if exists:
+            mode = os.stat(folder).st_mode & 0o777
+            report(not mode & 0o077, "the %s folder is private (mode %o)" % (label, mode),
+                   "the %s folder %s is open to other users (mode %o)" % (label, folder, mode), "chmod 700 %s" % folder)
     for handler in config.handlers:
-        print("ok: handler %s (handlers/%s.py, %s, timeout %g s)" % (
-            handler.name, handler.module_name, handler.run, handler.timeout))
-    if not config.secret:
-        print("problem: [listener] secret is empty, so every call is refused (fix: python3 listener.py init)")
-        return 1
-    return 0
+        report(True, "handler %s loads and its settings check (handlers/%s.py, %s)" % (
+            handler.name, handler.module_name, handler.run))
+    if url:
+        _check_url(config, url, report)
+    else:
+        report(True, "the URL for Vbout: https://YOUR-SITE/PATH/TO/listener.py?key=%s (`check --url URL`"
+                     " tells whether the private files are safe there)" % (secret or "SECRET"))
+    return results
+
+
+def _check_url(config, url, report):
+    """Call the deployed listener, and try to download what must stay private."""
+    import urllib.error
+    import urllib.request
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def fetch(target):
+        try:
+            with opener.open(urllib.request.Request(target, headers={"User-Agent": "vbout-listener-check"}),
+                             timeout=20) as response:
+                return response.status, response.read(65536)
+        except urllib.error.HTTPError as e:
+            return e.code, b""
+        except (OSError, ValueError) as e:
+            return None, str(e).encode()
+
+    base = url.split("?")[0]
+    secret = config.secret[0].decode() if config.secret else ""
+    status, body = fetch(base + "?key=" + secret)
+    try:
+        answer = json_loads(body)
+    except ValueError:
+        answer = {}
+    report(status == 200 and answer.get("status") == "ready",
+           "%s answers the health check (server: %s)" % (base, answer.get("server")),
+           "%s does not answer the health check (status %s)" % (base, status),
+           "open it in a browser: a 500 is explained in the web server's error log, a 403 means the key differs")
+    folder = base.rsplit("/", 1)[0] + "/"
+    private = [("config.ini", config.path), ("the database", config.database),
+               ("the database's -wal file", config.database + "-wal"), ("the spool", config.spool_file),
+               ("the log", config.log_file), ("handlers/", os.path.join(HERE, "handlers", "__init__.py")),
+               (".htaccess", os.path.join(HERE, ".htaccess"))]
+    for label, path in private:
+        if not path:
+            continue
+        relative = os.path.relpath(os.path.abspath(path), HERE)
+        if relative.startswith(".."):
+            report(True, "%s is outside listener.py's folder" % label)
+            continue
+        target = folder + relative.replace(os.sep, "/")
+        status, _ = fetch(target)
+        report(status != 200, "%s is not served (%s answers %s)" % (label, target, status),
+               "%s can be downloaded from %s" % (label, target),
+               "the web server ignores .htaccess: move config.ini and data/ out of the document root"
+               " (README.md, \"Keeping data out of the document root\")")
+    report(True, "the URL for Vbout: %s?key=%s" % (base, secret or "SECRET"))
+
+
+def cmd_check(args):
+    """Check the deployment: Python, config.ini, secret, folders, handlers, shebang, the URL (--url)."""
+    results = doctor(args.config or config_path(), args.url)
+    for ok, what, fix in results:
+        print(("ok: %s" % what) if ok else ("problem: %s (fix: %s)" % (what, fix)))
+    return 0 if all(ok for ok, _, _ in results) else 1
 
 
 def main(argv=None):
@@ -2224,8 +2357,11 @@ def main(argv=None):
     p.set_defaults(func=cmd_init)
     p = commands.add_parser("spool", help=cmd_spool.__doc__, description=cmd_spool.__doc__)
     p.set_defaults(func=cmd_spool)
-    for name, func in (("deliver", cmd_deliver), ("retry", cmd_retry), ("check", cmd_check)):
+    for name, func in (("deliver", cmd_deliver), ("retry", cmd_retry)):
         commands.add_parser(name, help=func.__doc__, description=func.__doc__).set_defaults(func=func)
+    p = commands.add_parser("check", help=cmd_check.__doc__, description=cmd_check.__doc__)
+    p.add_argument("--url", help="the public URL of listener.py: call it and try to download the private files")
+    p.set_defaults(func=cmd_check)
     p = commands.add_parser("replay", help=cmd_replay.__doc__, description=cmd_replay.__doc__)
     p.add_argument("event_id", type=int, metavar="EVENT_ID", help="the event's id (events.id)")
     p.add_argument("--handler", metavar="NAME", help="only this handler (default: every enabled one)")

@@ -117,3 +117,8 @@ def vbout_body(n=1, fields=10, activities=2):
                   ("lead-score[%d][score_date]" % i, "2026-11-26 08:32:00")]
     pairs += [("lead-status[score]", "42"), ("lead-status[label]", "Hot")]
     return "&".join("%s=%s" % (quote_plus(k), quote_plus(v)) for k, v in pairs).encode("ascii")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "apache: deployment tests on a private Apache (need root and apache2;"
+                                       " CI runs them, `-m 'not apache'` skips them)")
