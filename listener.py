@@ -26,6 +26,8 @@ __version__ = "1.0.0"
 ###############################################################################
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# To keep config.ini outside the document root, put its full path here, for example
+# DEFAULT_CONFIG = "/home/you/vbout-private/config.ini" (or set VBOUT_LISTENER_CONFIG).
 DEFAULT_CONFIG = os.path.join(HERE, "config.ini")
 CONFIG_ENV = "VBOUT_LISTENER_CONFIG"
 SECRET_ENVIRON_KEY = "vbout_listener.secret"  # set by `serve` for a run without a configured secret

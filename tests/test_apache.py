@@ -76,6 +76,7 @@ def php_body(transaction_id):
 def test_apache_health_check(server, face):
     status, headers, body = server.request(url(server, face))
     assert status == 200 and json.loads(body)["status"] == "ready"
+    assert json.loads(body)["server"] == {"cgi": "cgi", "wsgi": "mod_wsgi daemon"}[face]
     assert headers["Content-Type"] == "application/json; charset=utf-8"
 
 
