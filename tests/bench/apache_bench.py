@@ -1,0 +1,263 @@
+#!/usr/bin/env python3
+"""The listener under Apache against the listeners people write by hand, in the same Apache.
+
+    python3 tests/bench/apache_bench.py [--quick]     (as root: it starts a private Apache)
+
+One private Apache 2.4 (prefork, since mod_php needs it) on 127.0.0.1 serves three contenders,
+each storing a typical ~3.3 KB Vbout form POST durably in SQLite (WAL, synchronous=FULL):
+- the listener, under mod_wsgi daemon mode;
+- tests/bench/peers/listener.php under mod_php ($_POST, PDO SQLite, one INSERT);
+- tests/bench/peers/flask_listener.py, Flask under mod_wsgi daemon mode.
+Rounds interleave the contenders. Each round sends the same number of requests at the same
+concurrency over keep-alive connections, and reads the CPU time (user + sys) of every process of
+that Apache before and after. The disk's fsync rate caps every contender, so CPU per request is
+the figure to compare; requests per second is printed too. Targets (issue 4): CPU per request at
+most 1.3x mod_php's and 0.6x Flask's; requests per second at least 0.9x mod_php's.
+
+Debian's apache2, libapache2-mod-wsgi-py3, libapache2-mod-php, php-sqlite3 and python3-flask are
+installed when missing. Then the same CGI comparison as tests/bench/bench.py (section 2) runs
+under this Apache: the listener as CGI against a do-nothing wsgiref CGI script.
+"""
+
+import concurrent.futures
+import http.client
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(HERE)
+sys.path.insert(0, TESTS)
+
+import apache  # noqa: E402
+from conftest import SECRET, vbout_body  # noqa: E402
+
+PACKAGES = [("/usr/sbin/apache2", "apache2"), ("/usr/lib/apache2/modules/mod_wsgi.so", "libapache2-mod-wsgi-py3"),
+            ("/usr/lib/apache2/modules/libphp8.2.so", "libapache2-mod-php"),
+            ("/usr/lib/php/*/pdo_sqlite.so", "php-sqlite3"), ("/usr/lib/python3/dist-packages/flask", "python3-flask")]
+
+CONFIG = """
+ServerRoot "{root}"
+ServerName 127.0.0.1
+Listen 127.0.0.1:{port}
+PidFile "{root}/httpd.pid"
+ErrorLog "{root}/error.log"
+LogLevel warn
+LoadModule mpm_prefork_module {modules}/mod_mpm_prefork.so
+LoadModule authz_core_module {modules}/mod_authz_core.so
+LoadModule mime_module {modules}/mod_mime.so
+LoadModule alias_module {modules}/mod_alias.so
+LoadModule env_module {modules}/mod_env.so
+LoadModule cgi_module {modules}/mod_cgi.so
+LoadModule wsgi_module {modules}/mod_wsgi.so
+LoadModule php_module {modules}/libphp8.2.so
+User www-data
+Group www-data
+TypesConfig /etc/mime.types
+WSGISocketPrefix "{root}/wsgi"
+StartServers 8
+MinSpareServers 8
+MaxSpareServers 16
+MaxRequestWorkers 32
+MaxConnectionsPerChild 0
+KeepAlive On
+MaxKeepAliveRequests 0
+DocumentRoot "{root}/htdocs"
+<Directory />
+    AllowOverride None
+    Require all denied
+</Directory>
+<Directory "{root}/htdocs">
+    AllowOverride None
+    Require all granted
+</Directory>
+<FilesMatch "\\.php$">
+    SetHandler application/x-httpd-php
+</FilesMatch>
+SetEnv VBOUT_SECRET {secret}
+SetEnv VBOUT_PHP_DB {root}/phpdata/events.sqlite3
+SetEnv VBOUT_FLASK_DB {root}/flaskdata/events.sqlite3
+WSGIDaemonProcess vbout processes=2 threads=8 display-name=vbout-listener
+WSGIScriptAlias /wsgi/listener.py "{root}/app/listener.py" process-group=vbout application-group=%{{GLOBAL}}
+WSGIDaemonProcess flask processes=2 threads=8 display-name=vbout-flask
+WSGIScriptAlias /flask "{root}/flask/flask_listener.py" process-group=flask application-group=%{{GLOBAL}}
+<Directory "{root}/app">
+    Require all granted
+</Directory>
+<Directory "{root}/flask">
+    Require all granted
+</Directory>
+<Directory "{root}/htdocs/cgi">
+    Options +ExecCGI
+    AddHandler cgi-script .py
+</Directory>
+"""
+
+NOTHING_CGI = """#!/usr/bin/env python3
+from wsgiref.handlers import CGIHandler
+def app(environ, start_response):
+    environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", "12")])
+    return [b'{"ok": true}']
+CGIHandler().run(app)
+"""
+
+
+def ensure_packages():
+    import glob
+    missing = [package for path, package in PACKAGES if not glob.glob(path)]
+    if missing:
+        print("installing %s" % " ".join(missing), flush=True)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.call(["apt-get", "update", "-qq"], env=env, stdout=subprocess.DEVNULL)
+        subprocess.check_call(["apt-get", "install", "-y", "-qq", "--no-install-recommends"] + missing, env=env,
+                              stdout=subprocess.DEVNULL)
+    # Debian enables mod_php's and mod_wsgi's system configs for the system Apache; ours reads none of them.
+
+
+class Bench:
+    def __init__(self):
+        self.root = apache.tempfile.mkdtemp(prefix="vbout-apache-bench-")
+        os.chmod(self.root, 0o755)
+        self.port = apache.free_port()
+        root = self.root
+        for folder in ("htdocs/php", "htdocs/cgi", "phpdata", "flask", "flaskdata"):
+            os.makedirs(os.path.join(root, folder))
+        shutil.copy(os.path.join(HERE, "peers", "listener.php"), os.path.join(root, "htdocs/php"))
+        shutil.copy(os.path.join(HERE, "peers", "flask_listener.py"), os.path.join(root, "flask"))
+        app = os.path.join(root, "app")
+        os.makedirs(app)
+        for name in ("listener.py", "handlers"):
+            source = os.path.join(apache.ROOT, name)
+            (shutil.copytree if os.path.isdir(source) else shutil.copy2)(source, os.path.join(app, name))
+        with open(os.path.join(app, "config.ini"), "w") as f:
+            f.write("[listener]\nsecret = %s\ndurability = full\n" % SECRET)
+        cgi = os.path.join(root, "htdocs", "cgi")
+        for name in ("listener.py", "handlers"):
+            source = os.path.join(apache.ROOT, name)
+            (shutil.copytree if os.path.isdir(source) else shutil.copy2)(source, os.path.join(cgi, name))
+        with open(os.path.join(cgi, "config.ini"), "w") as f:
+            f.write("[listener]\nsecret = %s\n" % SECRET)
+        with open(os.path.join(cgi, "nothing.py"), "w") as f:
+            f.write(NOTHING_CGI)
+        os.chmod(os.path.join(cgi, "nothing.py"), 0o755)
+        subprocess.check_call(["chown", "-R", "www-data:www-data", root])
+        with open(os.path.join(root, "httpd.conf"), "w") as f:
+            f.write(CONFIG.format(root=root, port=self.port, modules=apache.MODULES, secret=SECRET))
+        env = {"PATH": apache.SERVER_PATH, "LANG": "C", "VBOUT_FLASK_DB": os.path.join(root, "flaskdata", "events.sqlite3")}
+        result = subprocess.run([apache.HTTPD, "-f", os.path.join(root, "httpd.conf"), "-k", "start"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if result.returncode != 0:
+            raise SystemExit("apache2 did not start: " + result.stdout)
+        time.sleep(1.5)
+        with open(os.path.join(root, "httpd.pid")) as f:
+            self.pid = int(f.read())
+
+    def cpu_seconds(self):
+        """user + sys of the Apache and every process below it (children, mod_wsgi daemons)."""
+        parents, times = {}, {}
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open("/proc/%s/stat" % name) as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                parents[int(name)] = int(fields[1])
+                times[int(name)] = int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+        total = 0
+        for pid, ticks in times.items():
+            p = pid
+            while p > 1 and p != self.pid:
+                p = parents.get(p, 1)
+            if p == self.pid:
+                total += ticks
+        return total / os.sysconf("SC_CLK_TCK")
+
+    def load(self, path, bodies, concurrency):
+        """Send the bodies over keep-alive connections: (seconds, statuses)."""
+        chunks = [bodies[i::concurrency] for i in range(concurrency)]
+
+        def worker(chunk):
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+            statuses = []
+            for body in chunk:
+                conn.request("POST", path, body, {"Content-Type": "application/x-www-form-urlencoded"})
+                response = conn.getresponse()
+                response.read()
+                statuses.append(response.status)
+            conn.close()
+            return statuses
+
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            statuses = [s for result in pool.map(worker, chunks) for s in result]
+        return time.perf_counter() - start, statuses
+
+    def close(self):
+        subprocess.run([apache.HTTPD, "-f", os.path.join(self.root, "httpd.conf"), "-k", "stop"],
+                       env={"PATH": apache.SERVER_PATH})
+        time.sleep(1)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def main():
+    quick = "--quick" in sys.argv
+    if os.geteuid() != 0:
+        raise SystemExit("run as root: this starts a private Apache that switches to www-data")
+    ensure_packages()
+    rounds, per_round, concurrency = (3, 300, 8) if quick else (6, 600, 8)
+    bench = Bench()
+    contenders = [("listener (mod_wsgi)", "/wsgi/listener.py?key=" + SECRET),
+                  ("mod_php + PDO", "/php/listener.php?key=" + SECRET),
+                  ("Flask (mod_wsgi)", "/flask/?key=" + SECRET)]
+    results = {name: {"cpu": [], "rps": []} for name, _ in contenders}
+    serial = 0
+    try:
+        for name, path in contenders:  # warm up each (daemon processes, opcode cache, imports)
+            bench.load(path, [vbout_body(10 ** 7 + serial + i) for i in range(50)], concurrency)
+            serial += 50
+        for round_ in range(rounds):
+            for name, path in contenders:
+                bodies = [vbout_body(serial + i) for i in range(per_round)]
+                serial += per_round
+                before = bench.cpu_seconds()
+                seconds, statuses = bench.load(path, bodies, concurrency)
+                used = bench.cpu_seconds() - before
+                assert statuses.count(200) == per_round, (name, sorted(set(statuses)))
+                results[name]["cpu"].append(used / per_round * 1000)
+                results[name]["rps"].append(per_round / seconds)
+        print("Apache %s, prefork; %d rounds x %d requests per contender at concurrency %d; body %d bytes"
+              % (subprocess.check_output([apache.HTTPD, "-v"], text=True).split()[2], rounds, per_round,
+                 concurrency, len(vbout_body(0))))
+        medians = {}
+        for name, _ in contenders:
+            cpu, rps = statistics.median(results[name]["cpu"]), statistics.median(results[name]["rps"])
+            medians[name] = (cpu, rps)
+            print("   %-20s %5.2f ms CPU per request   %6.0f requests/s   (median of rounds)" % (name, cpu, rps))
+        ours, php, flask = (medians[name] for name, _ in contenders)
+        print("   CPU per request: %.2fx mod_php's (target <= 1.3), %.2fx Flask's (target <= 0.6)"
+              % (ours[0] / php[0], ours[0] / flask[0]))
+        print("   requests per second: %.2fx mod_php's (target >= 0.9)" % (ours[1] / php[1]))
+        cgi_rounds = 15 if quick else 40
+        times = {"listener.py": [], "nothing.py": []}
+        for i in range(cgi_rounds):
+            for script in times:
+                body = vbout_body(10 ** 8 + serial)
+                serial += 1
+                start = time.perf_counter()
+                seconds, statuses = bench.load("/cgi/%s?key=%s" % (script, SECRET), [body], 1)
+                assert statuses == [200], (script, statuses)
+                times[script].append(seconds)
+        ours_cgi, nothing = statistics.median(times["listener.py"]), statistics.median(times["nothing.py"])
+        print("   CGI: a stored POST %.1f ms, a do-nothing wsgiref CGI %.1f ms: %.2fx (target <= 2.0)"
+              % (ours_cgi * 1000, nothing * 1000, ours_cgi / nothing))
+    finally:
+        bench.close()
+
+
+if __name__ == "__main__":
+    main()
