@@ -128,19 +128,28 @@ PRIVATE = ["config.ini", ".htaccess", "data/events.sqlite3", "data/events.sqlite
            "handlers/__init__.py", "handlers/", "data/", "", "listener.py.bak"]
 
 
-def test_apache_private_files_are_not_downloadable(server):
-    server.request(url(server, "cgi"), b"transactionid=private-files", headers=FORM)
-    data = os.path.join(server.site, "data")
-    for name in ("spool.jsonl", "events.sqlite3-wal", "events.sqlite3-shm", "listener.log"):
-        if not os.path.exists(os.path.join(data, name)):
-            with open(os.path.join(data, name), "w") as f:
+def test_apache_private_files_are_not_downloadable():
+    """With their own Apache: the files made here must not disturb the other tests' live database."""
+    import pwd
+    instance = apache.Apache(config_text=CONFIG + "spool_file = data/spool.jsonl\n")
+    try:
+        instance.request(instance.cgi_url + "?key=" + SECRET, b"transactionid=private-files", headers=FORM)
+        data = os.path.join(instance.site, "data")
+        holder = sqlite3.connect(os.path.join(data, "events.sqlite3"))  # keeps the real -wal and -shm in place
+        holder.execute("SELECT count(*) FROM events").fetchone()
+        www = pwd.getpwnam("www-data")
+        for name in ("spool.jsonl", os.path.join("..", "listener.py.bak")):
+            path = os.path.join(data, name)
+            with open(path, "w") as f:
                 f.write("private")
-    with open(os.path.join(server.site, "listener.py.bak"), "w") as f:
-        f.write("private")
-    for name in PRIVATE:
-        status, _, body = server.request(server.url + "/private/vbout/" + name)
-        assert status in (403, 404), name
-        assert b"private" not in body and SECRET.encode() not in body, name
+            os.chown(path, www.pw_uid, www.pw_gid)
+        for name in PRIVATE:
+            status, _, body = instance.request(instance.url + "/private/vbout/" + name)
+            assert status in (403, 404), name
+            assert b"private" not in body and SECRET.encode() not in body and b"SQLite" not in body, name
+        holder.close()
+    finally:
+        instance.close()
 
 
 def test_apache_wsgi_reads_setenv_config_outside_the_web_root(server):
