@@ -866,6 +866,12 @@ MIGRATIONS = [
         "ALTER TABLE deliveries ADD COLUMN claimed_by TEXT",
         "ALTER TABLE deliveries ADD COLUMN result TEXT",
     ],
+    # 3: what the operator's tools count and remember.
+    [
+        "ALTER TABLE events ADD COLUMN repeats INTEGER NOT NULL DEFAULT 0",  # duplicate calls of this event
+        "CREATE TABLE admin_attempts (address TEXT PRIMARY KEY, failures INTEGER NOT NULL, since TEXT NOT NULL)"
+        " WITHOUT ROWID",
+    ],
 ]
 
 EVENT_COLUMNS = ("transaction_id", "received_at", "method", "content_type", "remote_addr", "payload",
@@ -1012,16 +1018,19 @@ def store_event(conn, row, dedupe_window=0, deliveries=(), claim=None):
                                  " AND received_at >= ?"
                                  " ORDER BY id DESC LIMIT 1", (row["dedupe_key"], since)).fetchone()
             if found:
+                conn.execute("UPDATE events SET repeats = repeats + 1 WHERE id = ?", found)
                 return found[0], True
         try:
             cursor = conn.execute(_INSERT_EVENT, [row.get(c) for c in EVENT_COLUMNS])
         except sqlite3.IntegrityError:
             # transaction_id and spool_id are unique: the event is already stored (one statement
             # fewer for every new event than looking first).
-            for column in ("transaction_id", "spool_id"):
+            for column in ("spool_id", "transaction_id"):  # a spool record imported again is no repeat
                 if row.get(column) is not None:
                     found = conn.execute("SELECT id FROM events WHERE %s = ?" % column, (row[column],)).fetchone()
                     if found:
+                        if column == "transaction_id":
+                            conn.execute("UPDATE events SET repeats = repeats + 1 WHERE id = ?", found)
                         return found[0], True
             raise
         if deliveries:
@@ -1662,6 +1671,283 @@ def failing_deliveries(conn, limit=20):
     """The deliveries still failing, newest first: [(event_id, handler, attempts, last_error)]."""
     return conn.execute("SELECT event_id, handler, attempts, last_error FROM deliveries WHERE status = 'failed'"
                         " ORDER BY updated_at DESC LIMIT ?", (limit,)).fetchall()
+
+
+###############################################################################
+# Operator's tools ############################################################
+###############################################################################
+# The questions an operator asks: the command line and the status page both call these.
+
+SECTIONS = ("campaigns-opened", "links-clicked", "pages-visited", "automation-triggered", "goals-reached",
+            "webhooks-triggered", "lead-score")
+
+
+def parse_when(text, now=None):
+    """'7d', '24h', '30m', '2026-11-01' or '2026-11-01T10:00' as UTC text comparable with received_at."""
+    text = (text or "").strip()
+    units = {"m": 60, "h": 3600, "d": 86400, "w": 604800}
+    if text[:-1].isdigit() and text[-1:] in units:
+        return utc_now((now or time.time()) - int(text[:-1]) * units[text[-1]])
+    if len(text) >= 10 and text[:4].isdigit() and text[4] == "-" and text[7] == "-":
+        return text.replace(" ", "T").rstrip("Z")
+    raise ValueError("%r is not a time: use 7d, 24h, 30m or 2026-11-01" % text)
+
+
+def find_events(conn, since=None, until=None, email=None, transaction=None, status=None, search=None,
+                limit=50, after_id=None):
+    """Events newest first (oldest first with after_id), each with {handler: status} of its deliveries."""
+    where, params = [], []
+    for clause, value in (("received_at >= ?", since), ("received_at < ?", until), ("transaction_id = ?", transaction),
+                          ("lower(contact_email) = lower(?)", email), ("id > ?", after_id)):
+        if value is not None:
+            where.append(clause)
+            params.append(value)
+    if status:
+        where.append("id IN (SELECT event_id FROM deliveries WHERE status = ?)")
+        params.append(status)
+    if search:
+        where.append("(lower(contact_email) = lower(?) OR transaction_id = ? OR CAST(id AS TEXT) = ?)")
+        params += [search.strip()] * 3
+    sql = "SELECT id, received_at, method, transaction_id, contact_email, repeats FROM events%s ORDER BY id %s LIMIT ?" % (
+        " WHERE " + " AND ".join(where) if where else "", "ASC" if after_id is not None else "DESC")
+    rows = [dict(zip(("id", "received_at", "method", "transaction_id", "contact_email", "repeats"), r))
+            for r in conn.execute(sql, params + [limit])]
+    if rows:
+        ids = [r["id"] for r in rows]
+        found = {}
+        for event_id, handler, state in conn.execute(
+                "SELECT event_id, handler, status FROM deliveries WHERE event_id IN (%s) ORDER BY handler"
+                % ",".join("?" * len(ids)), ids):
+            found.setdefault(event_id, {})[handler] = state
+        for r in rows:
+            r["deliveries"] = found.get(r["id"], {})
+    return rows
+
+
+def event_detail(conn, event_id):
+    """One event with its tree and deliveries, or None."""
+    row = conn.execute("SELECT id, received_at, method, content_type, remote_addr, transaction_id, contact_email,"
+                       " contact_id, repeats, payload, length(raw_body) FROM events WHERE id = ?", (event_id,)).fetchone()
+    if row is None:
+        return None
+    names = ("id", "received_at", "method", "content_type", "remote_addr", "transaction_id", "contact_email",
+             "contact_id", "repeats", "data", "raw_bytes")
+    event = dict(zip(names, row))
+    event["data"] = json_loads(event["data"])
+    event["deliveries"] = [dict(zip(("handler", "status", "attempts", "last_error", "duration_ms", "updated_at"), d))
+                           for d in conn.execute("SELECT handler, status, attempts, last_error, duration_ms, updated_at"
+                                                 " FROM deliveries WHERE event_id = ? ORDER BY handler", (event_id,))]
+    return event
+
+
+def stats(conn, days=14):
+    """Events per day, repeats, spooled, deliveries by handler and status, the last event."""
+    since = utc_now(time.time() - days * 86400)[:10]
+    per_day = [dict(zip(("day", "events", "repeats", "spooled"), r)) for r in conn.execute(
+        "SELECT substr(received_at, 1, 10) AS day, count(*), sum(repeats), count(spool_id) FROM events"
+        " WHERE received_at >= ? GROUP BY day ORDER BY day DESC", (since,))]
+    last = conn.execute("SELECT id, received_at FROM events ORDER BY id DESC LIMIT 1").fetchone()
+    return {"events": conn.execute("SELECT count(*) FROM events").fetchone()[0],
+            "last_event": {"id": last[0], "received_at": last[1]} if last else None,
+            "per_day": per_day,
+            "deliveries": [dict(zip(("handler", "status", "count"), r)) for r in conn.execute(
+                "SELECT handler, status, count(*) FROM deliveries GROUP BY handler, status ORDER BY handler, status")]}
+
+
+def export_events(conn, fmt, since=None, until=None, email=None):
+    """Lines of a CSV (flattened: contact, lead status, counts, custom fields by name) or JSONL export."""
+    where = " AND ".join(c for c, v in (("received_at >= :since", since), ("received_at < :until", until),
+                                         ("lower(contact_email) = lower(:email)", email)) if v is not None)
+    sql = "SELECT id, received_at, method, transaction_id, payload FROM events%s ORDER BY id" % (
+        " WHERE " + where if where else "")
+    params = {"since": since, "until": until, "email": email}
+    if fmt == "jsonl":
+        for event_id, received_at, method, transaction_id, payload in conn.execute(sql, params):
+            yield '{"id":%d,"received_at":%s,"method":"%s","transaction_id":%s,"data":%s}\n' % (
+                event_id, json_dumps(received_at), method, json_dumps(transaction_id), payload)
+        return
+    import csv
+    import io
+    fields = []
+    for (payload,) in conn.execute(sql.replace("id, received_at, method, transaction_id, payload", "payload"), params):
+        for name in Fields(_items(json_loads(payload).get("fields"))).by_name:
+            if name not in fields:
+                fields.append(name)
+    columns = ["id", "received_at", "method", "transaction_id", "contact_id", "contact_email", "contact_phone",
+               "contact_profile_url", "lead_score", "lead_label"] + [s.replace("-", "_") for s in SECTIONS] + fields
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(columns)
+    for event_id, received_at, method, transaction_id, payload in conn.execute(sql, params):
+        event = Event(event_id, transaction_id, received_at, method, json_loads(payload))
+        contact, status, by_name = event.contact, event.lead_status, event.fields.by_name
+        writer.writerow([event_id, received_at, method, transaction_id] +
+                        [_csv_cell(contact[k]) for k in ("id", "email", "phone", "profile_url")] +
+                        [_csv_cell(status.get("score")), _csv_cell(status.get("label"))] +
+                        [len(_items(event.data.get(s))) for s in SECTIONS] + [_csv_cell(by_name.get(f)) for f in fields])
+        yield out.getvalue()
+        out.seek(0)
+        out.truncate()
+    if out.getvalue():
+        yield out.getvalue()
+
+
+def _csv_cell(value):
+    """A CSV cell a spreadsheet will not run as a formula."""
+    text = "" if value is None or isinstance(value, (dict, list)) else str(value)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def prune(config, older_than, contacts=False, progress=None):
+    """Delete events received before older_than, with their deliveries; then VACUUM. Returns counts."""
+    conn = connect(config)
+    removed = {"events": 0, "deliveries": 0}
+    total = conn.execute("SELECT count(*) FROM events WHERE received_at < ?", (older_than,)).fetchone()[0]
+    while True:
+        with transaction(conn):
+            ids = [r[0] for r in conn.execute("SELECT id FROM events WHERE received_at < ? LIMIT 500", (older_than,))]
+            if not ids:
+                break
+            marks = ",".join("?" * len(ids))
+            removed["deliveries"] += conn.execute("DELETE FROM deliveries WHERE event_id IN (%s)" % marks, ids).rowcount
+            removed["events"] += conn.execute("DELETE FROM events WHERE id IN (%s)" % marks, ids).rowcount
+        if progress:
+            progress(removed["events"], total)
+    if contacts:
+        for handler in config.handlers:
+            hook = getattr(handler.module, "prune", None)
+            if hook is not None:
+                for what, count in (hook(older_than, handler.options) or {}).items():
+                    removed["%s: %s" % (handler.name, what)] = count
+    compact(conn)
+    return removed
+
+
+def compact(conn):
+    """Fold the WAL into the database and rewrite it, so that deleted rows leave no bytes behind."""
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.execute("VACUUM")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def forget(config, email, progress=None):
+    """Erase a person everywhere the listener keeps them. Returns [what was removed, as text]."""
+    email = email.strip()
+    needles = sorted({email.lower(), email.lower().replace("@", "%40")})
+    report = []
+    conn = connect(config)
+    conn.execute("PRAGMA secure_delete=ON")  # freed pages are zeroed, not left readable
+    try:
+        with transaction(conn):
+            clauses = " OR ".join(["lower(contact_email) = ?"] + ["instr(lower(payload), ?) > 0",
+                                                                  "instr(lower(CAST(raw_body AS TEXT)), ?) > 0"] * len(needles))
+            params = [email.lower()] + [n for n in needles for _ in (0, 1)]
+            ids = [r[0] for r in conn.execute("SELECT id FROM events WHERE " + clauses, params)]
+            marks = ",".join("?" * len(ids))
+            deliveries = conn.execute("DELETE FROM deliveries WHERE event_id IN (%s)" % marks, ids).rowcount if ids else 0
+            if ids:
+                conn.execute("DELETE FROM events WHERE id IN (%s)" % marks, ids)
+        report.append("events: %d removed%s" % (len(ids), " (ids %s)" % ", ".join(map(str, ids[:20])) if ids else ""))
+        report.append("deliveries: %d removed" % deliveries)
+        for position, handler in enumerate(config.handlers):
+            hook = getattr(handler.module, "forget", None)
+            if hook is not None:
+                report += ["%s: %s" % (handler.name, line) for line in hook(email, handler.options) or []]
+            if progress:
+                progress(position + 1, len(config.handlers))
+        report.append("spool: %d records removed" % _spool_forget(config, needles))
+        compact(conn)
+    finally:
+        conn.execute("PRAGMA secure_delete=OFF")
+    return report
+
+
+def _spool_forget(config, needles):
+    import fcntl
+    if not os.path.exists(config.spool_file):
+        return 0
+    fd = os.open(config.spool_file, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            lines = f.read().splitlines(True)
+        kept = [line for line in lines if not any(n.encode() in line.lower() for n in needles)]
+        if len(kept) != len(lines):
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, 0)
+            os.write(fd, b"".join(kept))
+            os.fsync(fd)
+        return len(lines) - len(kept)
+    finally:
+        os.close(fd)
+
+
+def sample_tree(n=1):
+    """A realistic Vbout call: a contact, custom fields, a few activities, a lead status."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    return {
+        "transactionid": "sample-%d-%s" % (n, os.urandom(4).hex()),
+        "contact": {"id": str(5000 + n), "email": "sample%d@example.com" % n, "phone": "+1 555 0100",
+                    "profile_url": "https://app.vbout.com/Contact/%d" % (5000 + n)},
+        "fields": [{"id": "1", "name": "First Name", "value": "Ana"}, {"id": "2", "name": "Last Name", "value": "Sample"},
+                   {"id": "3", "name": "Country", "value": "US"}],
+        "campaigns-opened": [{"id": "700", "name": "Welcome", "open_date": stamp}],
+        "links-clicked": [{"url": "https://example.com/offer?utm_source=vbout", "clicks": "2"}],
+        "pages-visited": [{"page": "https://example.com/pricing", "visit_date": stamp}],
+        "automation-triggered": [{"id": "40", "name": "Welcome journey", "trigger_date": stamp}],
+        "goals-reached": [{"id": "9", "name": "Signed up", "reach_date": stamp}],
+        "webhooks-triggered": [], "lead-score": [{"id": "1", "name": "Engagement", "score": "10", "score_date": stamp}],
+        "lead-status": {"score": "42", "label": "Hot"},
+    }
+
+
+def encode_form(value, prefix=None):
+    """A tree as PHP's http_build_query writes it: the inverse of parse_form."""
+    from urllib.parse import quote_plus
+    pairs = []
+
+    def walk(node, name):
+        if isinstance(node, dict) or isinstance(node, list):
+            for key, item in (node.items() if isinstance(node, dict) else enumerate(node)):
+                walk(item, "%s[%s]" % (name, key) if name is not None else str(key))
+        elif name is not None:
+            text = "" if node is None else "1" if node is True else "0" if node is False else str(node)
+            pairs.append(quote_plus(name) + "=" + quote_plus(text))
+    walk(value, prefix)
+    return "&".join(pairs).encode("ascii")
+
+
+def learn(conn, limit=1000):
+    """What the latest events looked like: sections, custom fields, content types, GET parameters."""
+    seen = {"events": 0, "content_types": {}, "sections": {}, "fields": {}, "get_parameters": {}}
+    for method, content_type, payload in conn.execute(
+            "SELECT method, content_type, payload FROM events ORDER BY id DESC LIMIT ?", (limit,)):
+        seen["events"] += 1
+        kind = method if method == "GET" else (content_type or "none").split(";")[0]
+        seen["content_types"][kind] = seen["content_types"].get(kind, 0) + 1
+        tree = json_loads(payload)
+        counts = seen["get_parameters"] if method == "GET" else seen["sections"]
+        for key in tree:
+            counts[key] = counts.get(key, 0) + 1
+        for name in Fields(_items(tree.get("fields"))).by_name:
+            seen["fields"][name] = seen["fields"].get(name, 0) + 1
+    return seen
+
+
+def field_map(seen):
+    """Lines to paste as a forward handler's `map` or a csv handler's `columns`."""
+    lines = ["email = contact.email", "vbout_id = contact.id"] if seen["sections"] else []
+    lines += ["%s = fields.%s" % (_snake(name), name) for name in sorted(seen["fields"], key=seen["fields"].get,
+                                                                          reverse=True)]
+    if "lead-status" in seen["sections"]:
+        lines += ["lead_status = lead-status.label", "lead_score = lead-status.score"]
+    lines += ["%s = %s" % (_snake(name), name) for name in seen["get_parameters"] if name not in ("key",)]
+    return lines
+
+
+def _snake(name):
+    out = "".join(c.lower() if c.isalnum() else "_" for c in name).strip("_")
+    return "_".join(part for part in out.split("_") if part) or "value"
 
 
 ###############################################################################
@@ -2343,6 +2629,184 @@ def cmd_check(args):
     return 0 if all(ok for ok, _, _ in results) else 1
 
 
+def _progress(label):
+    """A progress bar on a terminal's stderr (nothing when output goes to a file or cron)."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done, total):
+        width = 30
+        filled = int(width * done / total) if total else width
+        sys.stderr.write("\r%s [%s%s] %d/%d" % (label, "#" * filled, "." * (width - filled), done, total))
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+    return show
+
+
+def _print_json(value):
+    print(json_dumps(value, spaced=True))
+
+
+def _event_line(e):
+    states = " ".join("%s=%s" % item for item in e["deliveries"].items())
+    return "%6d  %s  %-4s  %-24s  %-32s %s%s" % (
+        e["id"], e["received_at"][:19] + "Z", e["method"], (e["transaction_id"] or "-")[:24],
+        (e["contact_email"] or "-")[:32], states, "  (+%d repeats)" % e["repeats"] if e["repeats"] else "")
+
+
+def cmd_events(args):
+    """Recent events, one line each, with filters; `events show ID`; `events export --format csv|jsonl`."""
+    config = _load_or_exit(args.config or config_path())
+    conn = connect(config)
+    try:
+        since, until = (parse_when(args.since) if args.since else None), (parse_when(args.until) if args.until else None)
+    except ValueError as e:
+        print("error: %s" % e, file=sys.stderr)
+        return 2
+    if args.action == "show":
+        event = event_detail(conn, args.event_id)
+        if event is None:
+            print("error: there is no event %d" % args.event_id, file=sys.stderr)
+            return 1
+        if args.json:
+            _print_json(event)
+            return 0
+        for key in ("id", "received_at", "method", "content_type", "remote_addr", "transaction_id", "contact_email",
+                    "contact_id", "repeats", "raw_bytes"):
+            print("%-15s %s" % (key + ":", event[key]))
+        for d in event["deliveries"]:
+            print("delivery:       %s %s, %d attempt(s)%s" % (d["handler"], d["status"], d["attempts"],
+                                                             ": " + d["last_error"] if d["last_error"] else ""))
+        print(json_dumps(event["data"], spaced=True))
+        return 0
+    if args.action == "export":
+        out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
+        total = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+        show = _progress("exporting") if args.output else None
+        try:
+            for n, chunk in enumerate(export_events(conn, args.format, since, until, args.email), 1):
+                out.write(chunk)
+                if show and (n % 200 == 0 or n == total):
+                    show(min(n, total), total)
+        finally:
+            if args.output:
+                out.close()
+        return 0
+    events = find_events(conn, since, until, args.email, args.transaction, args.status, limit=args.limit)
+    if args.json:
+        _print_json(events)
+    for e in ([] if args.json else events):
+        print(_event_line(e))
+    return 0
+
+
+def cmd_stats(args):
+    """Events per day, repeats, spooled, deliveries by handler and status, the last event received."""
+    config = _load_or_exit(args.config or config_path())
+    summary = stats(connect(config), args.days)
+    if args.json:
+        _print_json(summary)
+        return 0
+    last = summary["last_event"]
+    print("events: %d; last received %s" % (summary["events"], "%s (event %d)" % (last["received_at"], last["id"])
+                                            if last else "never"))
+    print("day         events  repeats  spooled")
+    for day in summary["per_day"]:
+        print("%s  %6d  %7d  %7d" % (day["day"], day["events"], day["repeats"] or 0, day["spooled"]))
+    for d in summary["deliveries"]:
+        print("deliveries: %s %s: %d" % (d["handler"], d["status"], d["count"]))
+    return 0
+
+
+def cmd_prune(args):
+    """Delete events (and their deliveries) older than --older-than, e.g. 90d; then VACUUM."""
+    config = _load_or_exit(args.config or config_path())
+    try:
+        cutoff = parse_when(args.older_than)
+    except ValueError as e:
+        print("error: %s" % e, file=sys.stderr)
+        return 2
+    removed = prune(config, cutoff, args.contacts, _progress("pruning"))
+    print("; ".join("%s: %d removed" % item for item in removed.items()) + " (received before %s)" % cutoff)
+    return 0
+
+
+def cmd_forget(args):
+    """Erase a person everywhere the listener keeps them (events, deliveries, contact tables, handler files, spool)."""
+    config = _load_or_exit(args.config or config_path())
+    for line in forget(config, args.email, _progress("handlers")):
+        print(line)
+    return 0
+
+
+def cmd_send_sample(args):
+    """Post a realistic Vbout call to URL (form by default) and print the answer: test a deployment before Vbout."""
+    import urllib.error
+    import urllib.request
+    url = args.url
+    if "key=" not in url:
+        config = _load_or_exit(args.config or config_path())
+        if config.secret:
+            url += ("&" if "?" in url else "?") + "key=" + config.secret[0].decode()
+    tree = sample_tree()
+    if args.get:
+        flat = {"email": tree["contact"]["email"], "first_name": "Ana", "country": "US"}
+        request = urllib.request.Request(url + "&" + encode_form(flat).decode())
+    elif args.json:
+        request = urllib.request.Request(url, json_dumps(tree).encode(), {"Content-Type": "application/json"})
+    else:
+        request = urllib.request.Request(url, encode_form(tree), {"Content-Type": "application/x-www-form-urlencoded"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=30) as response:
+            status, body = response.status, response.read()
+    except urllib.error.HTTPError as e:
+        status, body = e.code, e.read()
+    except (OSError, ValueError) as e:
+        print("error: %s" % e, file=sys.stderr)
+        return 1
+    print("%d %s" % (status, body.decode("utf-8", "replace")))
+    return 0 if 200 <= status < 300 else 1
+
+
+def cmd_learn(args):
+    """Summarise the shapes received (sections, custom fields, content types, GET parameters) and print a field map."""
+    config = _load_or_exit(args.config or config_path())
+    seen = learn(connect(config), args.limit)
+    if args.json:
+        _print_json(dict(seen, field_map=field_map(seen)))
+        return 0
+    print("events read: %d" % seen["events"])
+    for title, key in (("content types", "content_types"), ("sections", "sections"),
+                       ("custom fields", "fields"), ("GET parameters", "get_parameters")):
+        if seen[key]:
+            print("%s: %s" % (title, ", ".join("%s (%d)" % item for item in sorted(seen[key].items(),
+                                                                                  key=lambda i: -i[1]))))
+    lines = field_map(seen)
+    print("\nFor a forward handler (map) or a csv handler (columns), paste:")
+    print("map =\n" + "\n".join("    " + line for line in lines))
+    return 0
+
+
+def cmd_tail(args):
+    """Follow new events as they arrive, one line each (Ctrl-C stops)."""
+    config = _load_or_exit(args.config or config_path())
+    conn = connect(config)
+    last = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+    for e in reversed(find_events(conn, limit=args.lines)):
+        print(_event_line(e), flush=True)
+    try:
+        while True:
+            time.sleep(args.interval)
+            conn = connect(config)
+            for e in find_events(conn, after_id=last, limit=1000):
+                print(_event_line(e), flush=True)
+                last = e["id"]
+    except KeyboardInterrupt:
+        return 0
+
+
 def main(argv=None):
     """Serve a CGI request when run by a web server, else the command line."""
     if argv is None and "GATEWAY_INTERFACE" in os.environ:
@@ -2377,6 +2841,48 @@ def main(argv=None):
     p.add_argument("event_id", type=int, metavar="EVENT_ID", help="the event's id (events.id)")
     p.add_argument("--handler", metavar="NAME", help="only this handler (default: every enabled one)")
     p.set_defaults(func=cmd_replay)
+    p = commands.add_parser("events", help=cmd_events.__doc__, description=cmd_events.__doc__)
+    actions = p.add_subparsers(dest="action", metavar="[show ID | export]")
+    show = actions.add_parser("show", help="one event: its fields, deliveries and tree")
+    show.add_argument("event_id", type=int, metavar="ID")
+    export = actions.add_parser("export", help="all matching events as CSV (flattened) or JSON lines")
+    export.add_argument("--format", choices=("csv", "jsonl"), default="csv")
+    export.add_argument("--output", metavar="FILE", help="write to FILE (default: standard output)")
+    for q in (p, show, export):
+        q.add_argument("--json", action="store_true", help="JSON output, for scripts")
+        q.add_argument("--since", help="received since: 7d, 24h, 30m or 2026-11-01")
+        q.add_argument("--until", help="received before: same forms")
+        q.add_argument("--email", help="the contact's email")
+    p.add_argument("--transaction", metavar="ID", help="a transactionid")
+    p.add_argument("--status", choices=("failed", "pending", "done", "skipped", "running"),
+                   help="events with a delivery in this status")
+    p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    p.set_defaults(func=cmd_events, action=None)
+    p = commands.add_parser("stats", help=cmd_stats.__doc__, description=cmd_stats.__doc__)
+    p.add_argument("--days", type=int, default=14, help="days per day counts go back (default 14)")
+    p.add_argument("--json", action="store_true", help="JSON output, for scripts")
+    p.set_defaults(func=cmd_stats)
+    p = commands.add_parser("prune", help=cmd_prune.__doc__, description=cmd_prune.__doc__)
+    p.add_argument("--older-than", required=True, metavar="AGE", help="90d, 12w, 24h or a date")
+    p.add_argument("--contacts", action="store_true", help="also the contacts handler's contacts not seen since")
+    p.set_defaults(func=cmd_prune)
+    p = commands.add_parser("forget", help=cmd_forget.__doc__, description=cmd_forget.__doc__)
+    p.add_argument("email")
+    p.set_defaults(func=cmd_forget)
+    p = commands.add_parser("send-sample", help=cmd_send_sample.__doc__, description=cmd_send_sample.__doc__)
+    p.add_argument("url", metavar="URL", help="the listener's URL; without key=, the configured secret is added")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--json", action="store_true", help="send JSON instead of a form")
+    kind.add_argument("--get", action="store_true", help="send a GET with shortcode-style parameters")
+    p.set_defaults(func=cmd_send_sample)
+    p = commands.add_parser("learn", help=cmd_learn.__doc__, description=cmd_learn.__doc__)
+    p.add_argument("--limit", type=int, default=1000, help="how many recent events to read (default 1000)")
+    p.add_argument("--json", action="store_true", help="JSON output, for scripts")
+    p.set_defaults(func=cmd_learn)
+    p = commands.add_parser("tail", help=cmd_tail.__doc__, description=cmd_tail.__doc__)
+    p.add_argument("--lines", type=int, default=10, help="recent events shown first (default 10)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between looks (default 1)")
+    p.set_defaults(func=cmd_tail)
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()

@@ -188,3 +188,47 @@ def _connect(path):
     st = os.stat(path)
     cache[path] = (conn, (st.st_dev, st.st_ino))
     return conn
+
+
+def forget(email, options):
+    """Erase a person from the contact tables (for `listener.py forget`): what was removed, as text."""
+    conn = _connect(options["database"])
+    conn.execute("PRAGMA secure_delete=ON")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        keys = [r[0] for r in conn.execute("SELECT contact_key FROM contacts WHERE lower(email) = ? OR contact_key = ?",
+                                           (email.lower(), "email:" + email.lower()))]
+        counts = _delete(conn, keys)
+        conn.execute("COMMIT")
+        _compact(conn)
+    finally:
+        conn.execute("PRAGMA secure_delete=OFF")
+    return ["%d contact, %d fields, %d activities, %d lead statuses removed from %s" % (
+        counts["contacts"], counts["contact_fields"], counts["activities"], counts["lead_status"], options["database"])]
+
+
+def prune(older_than, options):
+    """Remove contacts not seen since older_than (for `listener.py prune --contacts`): counts by table."""
+    conn = _connect(options["database"])
+    conn.execute("BEGIN IMMEDIATE")
+    keys = [r[0] for r in conn.execute("SELECT contact_key FROM contacts WHERE last_seen < ?", (older_than,))]
+    counts = _delete(conn, keys)
+    conn.execute("COMMIT")
+    _compact(conn)
+    return counts
+
+
+def _delete(conn, keys):
+    counts = dict.fromkeys(("contacts", "contact_fields", "activities", "lead_status"), 0)
+    for i in range(0, len(keys), 500):
+        chunk = keys[i:i + 500]
+        marks = ",".join("?" * len(chunk))
+        for table in counts:
+            counts[table] += conn.execute("DELETE FROM %s WHERE contact_key IN (%s)" % (table, marks), chunk).rowcount
+    return counts
+
+
+def _compact(conn):
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.execute("VACUUM")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

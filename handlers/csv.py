@@ -56,3 +56,27 @@ def _cell(value, excel_safe):
     if excel_safe and text[:1] in ("=", "+", "-", "@", "\t", "\r"):
         return "'" + text
     return text
+
+
+def forget(email, options):
+    """Remove the rows that mention email (for `listener.py forget`)."""
+    path = options["path"]
+    if not os.path.exists(path):
+        return []
+    needles = (email.lower(), email.lower().replace("@", "%40"))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with os.fdopen(os.dup(fd), "r", encoding="utf-8", newline="") as f:
+            rows = list(csv.reader(f))
+        kept = [row for i, row in enumerate(rows) if i == 0 or not any(n in cell.lower() for cell in row for n in needles)]
+        if len(kept) != len(rows):
+            out = io.StringIO()
+            csv.writer(out, lineterminator="\r\n").writerows(kept)
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, out.getvalue().encode("utf-8"))
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    return ["%d rows removed from %s" % (len(rows) - len(kept), path)]

@@ -54,3 +54,37 @@ def append(path, data, max_bytes=0, keep=5, sync=False):
             os.close(fd)
     finally:
         os.close(lock)
+
+
+def forget(email, options):
+    """Remove the lines that mention email from the file and its rotations (for `listener.py forget`)."""
+    needles = {email.lower().encode(), email.lower().replace("@", "%40").encode()}
+    path, removed = options["path"], 0
+    if not os.path.exists(os.path.dirname(path)):
+        return []
+    lock = os.open(path + ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for name in [path] + ["%s.%d" % (path, n) for n in range(1, options["keep"] + 1)]:
+            if os.path.exists(name):
+                removed += rewrite_without(name, lambda line: any(n in line.lower() for n in needles))
+    finally:
+        os.close(lock)
+    return ["%d lines removed from %s (and its rotations)" % (removed, path)]
+
+
+def rewrite_without(path, unwanted):
+    """Rewrite a file in place without the lines for which unwanted(line) is true: how many went."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with os.fdopen(os.dup(fd), "rb") as f:
+            lines = f.read().splitlines(True)
+        kept = [line for line in lines if not unwanted(line)]
+        if len(kept) != len(lines):
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, b"".join(kept))
+            os.fsync(fd)
+        return len(lines) - len(kept)
+    finally:
+        os.close(fd)
