@@ -35,7 +35,7 @@ ALLOWED_METHODS = ("GET", "HEAD", "POST")
 DRAIN_CAP = 16 * 1024 * 1024  # bytes a CGI reads and discards before answering an error (mod_cgid)
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 STATUS_LINES = {
-    200: "200 OK", 400: "400 Bad Request", 403: "403 Forbidden", 404: "404 Not Found",
+    200: "200 OK", 303: "303 See Other", 400: "400 Bad Request", 429: "429 Too Many Requests", 403: "403 Forbidden", 404: "404 Not Found",
     405: "405 Method Not Allowed", 411: "411 Length Required", 413: "413 Payload Too Large",
     415: "415 Unsupported Media Type", 500: "500 Internal Server Error",
     503: "503 Service Unavailable",
@@ -233,6 +233,9 @@ _declare("log_file", "", _parse_optional_path,
          "File for the listener's log (created 0600); empty logs to the web server's error log.")
 _declare("log_level", "info", _choice_parser("debug", "info", "warning", "error"),
          "Least important level that is logged.")
+_declare("admin_secret", "", lambda text: _parse_secret(text)[0] if _parse_secret(text) else b"",
+         "Turns on the status page (listener.py?view=status) and is the key to sign in to it. Keep it"
+         " different from secret; empty: the page is off.")
 _declare("respond_with", "", lambda text: tuple(_split_list(text)),
          "Handler results added to the answer of an inline run, as HANDLER.KEY, comma-separated"
          " (for example crm.id): Vbout can map them back onto the contact.")
@@ -379,6 +382,9 @@ def _build_config(path, sections):
             raise ConfigError("%s: handler %r is listed twice (hint: list it once; to run a module"
                               " twice, give a second [handler:NAME] section `module = %s`)" % (where, name, name))
         config.handlers.append(Handler(config, name, dict(sections.get("handler:" + name, {}))))
+    if config.admin_secret and config.admin_secret in config.secret:
+        raise ConfigError("%s [listener] admin_secret: (value hidden) is also in secret (hint: the status page"
+                          " needs a key of its own: Vbout's must never open it)" % label)
     for item in config.respond_with:
         handler_name, dot, key = item.partition(".")
         handler = config.handler(handler_name)
@@ -420,7 +426,7 @@ def _is_name(text):
 
 
 def _quote_value(name, text):
-    if name == "secret":
+    if name.endswith("secret"):
         return "(value hidden)"
     return repr(text)
 
@@ -1951,6 +1957,235 @@ def _snake(name):
 
 
 ###############################################################################
+# Status page #################################################################
+###############################################################################
+# listener.py?view=status, for hosts without a shell. Off unless [listener] admin_secret is set.
+# Plain HTML forms, no script: a strict Content-Security-Policy allows only its own stylesheet.
+
+ADMIN_COOKIE = "vbout_admin"
+SESSION_SECONDS = 8 * 3600
+SIGNIN_FAILURES, SIGNIN_WINDOW = 5, 900  # per client address: then 429 until the window has passed
+STYLE = ("body{font:15px/1.45 system-ui,sans-serif;margin:0 auto;max-width:960px;padding:0 12px;color:#222}"
+         "header{display:flex;flex-wrap:wrap;gap:12px;align-items:center;border-bottom:1px solid #ccc}"
+         "h1{font-size:1.2em;margin:.6em 0}nav a,nav button{margin-right:10px}table{border-collapse:collapse;"
+         "width:100%;margin:.5em 0 1.5em}td,th{border-bottom:1px solid #eee;padding:4px 6px;text-align:left;"
+         "vertical-align:top;word-break:break-word}pre{background:#f6f6f6;padding:8px;overflow-x:auto;"
+         "white-space:pre-wrap}.failed{color:#b00}.done{color:#070}.msg{background:#ffd;padding:6px}"
+         "form.inline{display:inline}input{font:inherit;padding:4px}button{font:inherit;padding:3px 10px}")
+
+
+class _Page(Exception):
+    """An admin page to answer with: status, HTML body, extra headers."""
+
+    def __init__(self, status, body, headers=()):
+        super().__init__(status)
+        self.status, self.body, self.headers = status, body, list(headers)
+
+
+def _admin_key(config):
+    import hashlib
+    return hashlib.sha256(b"vbout-listener-admin\0" + config.admin_secret).digest()
+
+
+def _sign(config, text):
+    import hmac
+    return hmac.new(_admin_key(config), text.encode(), "sha256").hexdigest()
+
+
+def _session(environ, config):
+    """The session nonce of a valid, unexpired admin cookie, or None."""
+    for part in environ.get("HTTP_COOKIE", "").split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == ADMIN_COOKIE and value.count(".") == 2:
+            expiry, nonce, signature = value.split(".")
+            if expiry.isdigit() and int(expiry) > time.time() and _compare_digest(
+                    signature.encode(), _sign(config, expiry + "." + nonce).encode()):
+                return nonce
+    return None
+
+
+def _cookie(environ, value, max_age):
+    path = environ.get("SCRIPT_NAME") or "/"
+    secure = environ.get("wsgi.url_scheme") == "https" or environ.get("HTTPS", "").lower() in ("on", "1")
+    return ("Set-Cookie", "%s=%s; Path=%s; Max-Age=%d; HttpOnly; SameSite=Strict%s" % (
+        ADMIN_COOKIE, value, path, max_age, "; Secure" if secure else ""))
+
+
+def admin(environ, config, method, remote):
+    """Answer a ?view= request: (status, headers, HTML bytes)."""
+    try:
+        if not config.admin_secret:
+            raise _Page(404, _html("Status page off", "<p>The status page is off. To turn it on, set"
+                                   " <code>[listener] admin_secret</code> in config.ini.</p>"))
+        if method not in ("GET", "HEAD", "POST"):
+            raise _Page(405, _html("Not allowed", "<p>Use GET or POST.</p>"), [("Allow", "GET, HEAD, POST")])
+        params = parse_query(environ.get("QUERY_STRING", ""), 50, 4)
+        session = _session(environ, config)
+        if method == "POST":
+            _admin_post(environ, config, session, remote)
+        if session is None:
+            raise _Page(200, _signin_page())
+        conn = connect(config)
+        if params.get("view") == "export":
+            body = "".join(export_events(conn, "csv")).encode("utf-8")
+            raise _Page(200, body, [("Content-Type", "text/csv; charset=utf-8"),
+                                    ("Content-Disposition", 'attachment; filename="vbout-events.csv"')])
+        event_id = params.get("event")
+        if isinstance(event_id, str) and event_id.isdigit():
+            raise _Page(200, _event_page(conn, config, int(event_id), session))
+        query = params.get("q") if isinstance(params.get("q"), str) else ""
+        raise _Page(200, _dashboard(environ, conn, config, session, query.strip()))
+    except _Page as page:
+        return page.status, page.headers, page.body
+
+
+def _admin_post(environ, config, session, remote):
+    """Sign in, sign out, or retry a delivery; every answer is a page or a redirect (_Page)."""
+    try:
+        form = parse_form(_read_body(environ, config)[:65536], 20, 2)
+    except HTTPError:
+        raise _Page(400, _html("Bad request", "<p>That form could not be read.</p>")) from None
+    action = form.get("action")
+    target = [("Location", "?view=status")]
+    if action == "signin":
+        _signin(environ, config, remote, str(form.get("admin_key", "")))
+    if session is None or not _compare_digest(str(form.get("csrf", "")).encode(), _csrf(config, session).encode()):
+        raise _Page(403, _html("Forbidden", "<p>Your session has ended. <a href=\"?view=status\">Sign in</a>"
+                                            " again.</p>"))
+    if action == "signout":
+        raise _Page(303, b"", target + [_cookie(environ, "", 0)])
+    if action == "retry" and str(form.get("event_id", "")).isdigit():
+        conn = connect(config)
+        event_id = int(form["event_id"])
+        claimed, claim = claim_deliveries(conn, config, "replay", event_id, str(form.get("handler", "")))
+        if claimed:
+            run_claimed(conn, config, claimed, claim, lambda line: log(config, environ, "error", "admin", line))
+        raise _Page(303, b"", [("Location", "?view=status&event=%d" % event_id)])
+    raise _Page(400, _html("Bad request", "<p>Unknown action.</p>"))
+
+
+def _signin(environ, config, remote, given):
+    """Check the admin key, at most SIGNIN_FAILURES wrong ones per address per SIGNIN_WINDOW seconds."""
+    conn = connect(config)
+    now = time.time()
+    with transaction(conn):
+        row = conn.execute("SELECT failures, since FROM admin_attempts WHERE address = ?", (remote,)).fetchone()
+        if row and row[1] < utc_now(now - SIGNIN_WINDOW):
+            row = None
+        if row and row[0] >= SIGNIN_FAILURES:
+            raise _Page(429, _html("Too many attempts", "<p>Too many sign-in attempts from your address."
+                                                        " Try again in 15 minutes.</p>"), [("Retry-After", "900")])
+        if _compare_digest(given.encode("utf-8", "replace"), config.admin_secret):
+            conn.execute("DELETE FROM admin_attempts WHERE address = ?", (remote,))
+            expiry, nonce = str(int(now + SESSION_SECONDS)), os.urandom(16).hex()
+            token = "%s.%s.%s" % (expiry, nonce, _sign(config, expiry + "." + nonce))
+            raise _Page(303, b"", [("Location", "?view=status"), _cookie(environ, token, SESSION_SECONDS)])
+        conn.execute("INSERT OR REPLACE INTO admin_attempts (address, failures, since) VALUES (?, ?, ?)",
+                     (remote, (row[0] if row else 0) + 1, row[1] if row else utc_now(now)))
+    raise _Page(403, _signin_page("That admin key is wrong."))
+
+
+def _csrf(config, session):
+    return _sign(config, "csrf." + session)[:32]
+
+
+def _e(value):
+    import html
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _html(title, content, nav=""):
+    return ('<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width='
+            'device-width, initial-scale=1"><title>%s · Vbout listener</title><style>%s</style></head><body><header>'
+            '<h1>Vbout listener</h1>%s</header><main>%s</main></body></html>' % (_e(title), STYLE, nav, content)
+            ).encode("utf-8")
+
+
+def _signin_page(message=None):
+    return _html("Sign in", '%s<form method="post" action="?view=status"><p><label>Admin key<br><input type="password"'
+                            ' name="admin_key" autocomplete="current-password" required autofocus></label></p>'
+                            '<input type="hidden" name="action" value="signin"><button>Sign in</button></form>'
+                 % ('<p class="msg">%s</p>' % _e(message) if message else ""))
+
+
+def _nav(config, session):
+    return ('<nav><a href="?view=status">Status</a><a href="?view=export">Export CSV</a><form class="inline"'
+            ' method="post" action="?view=status"><input type="hidden" name="action" value="signout"><input'
+            ' type="hidden" name="csrf" value="%s"><button>Sign out</button></form></nav>' % _csrf(config, session))
+
+
+def _retry_button(config, session, event_id, handler):
+    return ('<form class="inline" method="post" action="?view=status"><input type="hidden" name="action" value="retry">'
+            '<input type="hidden" name="csrf" value="%s"><input type="hidden" name="event_id" value="%d"><input'
+            ' type="hidden" name="handler" value="%s"><button>Retry</button></form>'
+            % (_csrf(config, session), event_id, _e(handler)))
+
+
+def _dashboard(environ, conn, config, session, query):
+    summary = stats(conn, 14)
+    last = summary["last_event"]
+    health = _health(config, environ)
+    parts = ["<h2>Health</h2><p>Database: %s · spool: %s · server: %s · version %s</p>" % (
+        _e(health["database"]), "events waiting" if _spool_waiting(config) else "empty", _e(health["server"]),
+        _e(__version__)),
+        "<p>Last event: %s</p>" % ('<a href="?view=status&amp;event=%d">%s</a>' % (last["id"], _e(last["received_at"]))
+                                   if last else "none yet")]
+    parts.append("<h2>Events per day</h2><table><tr><th>Day</th><th>Events</th><th>Repeats</th><th>Spooled</th></tr>%s"
+                 "</table>" % "".join("<tr><td>%s</td><td>%d</td><td>%d</td><td>%d</td></tr>" % (
+                     _e(d["day"]), d["events"], d["repeats"] or 0, d["spooled"]) for d in summary["per_day"]))
+    failing = failing_deliveries(conn, 50)
+    if failing:
+        parts.append("<h2>Failed deliveries</h2><table><tr><th>Event</th><th>Handler</th><th>Attempts</th><th>Error"
+                     "</th><th></th></tr>%s</table>" % "".join(
+                         '<tr><td><a href="?view=status&amp;event=%d">%d</a></td><td>%s</td><td>%d</td><td class="failed">'
+                         '%s</td><td>%s</td></tr>' % (eid, eid, _e(name), attempts, _e(error),
+                                                      _retry_button(config, session, eid, name))
+                         for eid, name, attempts, error in failing))
+    events = find_events(conn, search=query or None, limit=50)
+    parts.append('<h2>%s</h2><form method="get"><input type="hidden" name="view" value="status"><input type="search"'
+                 ' name="q" value="%s" placeholder="email or transaction id"> <button>Search</button></form>' % (
+                     "Events matching %s" % _e(query) if query else "Latest events", _e(query)))
+    parts.append("<table><tr><th>Event</th><th>Received</th><th>Email</th><th>Transaction</th><th>Deliveries</th></tr>"
+                 "%s</table>" % "".join(
+                     '<tr><td><a href="?view=status&amp;event=%d">%d</a></td><td>%s</td><td>%s</td><td>%s</td><td>%s'
+                     '</td></tr>' % (e["id"], e["id"], _e(e["received_at"][:19]), _e(e["contact_email"]),
+                                     _e(e["transaction_id"]), " ".join('<span class="%s">%s %s</span>' % (
+                                         _e(s), _e(h), _e(s)) for h, s in e["deliveries"].items()))
+                     for e in events) if events else "<p>No events%s.</p>" % (" match" if query else " yet"))
+    return _html("Status", "".join(parts), _nav(config, session))
+
+
+def _event_page(conn, config, event_id, session):
+    event = event_detail(conn, event_id)
+    if event is None:
+        raise _Page(404, _html("Not found", "<p>There is no event %d.</p>" % event_id, _nav(config, session)))
+    rows = "".join("<tr><th>%s</th><td>%s</td></tr>" % (_e(k.replace("_", " ")), _e(event[k])) for k in (
+        "id", "received_at", "method", "content_type", "remote_addr", "transaction_id", "contact_email", "contact_id",
+        "repeats", "raw_bytes"))
+    deliveries = "".join('<tr><td>%s</td><td class="%s">%s</td><td>%d</td><td>%s</td><td>%s</td></tr>' % (
+        _e(d["handler"]), _e(d["status"]), _e(d["status"]), d["attempts"], _e(d["last_error"]),
+        _retry_button(config, session, event_id, d["handler"]) if d["status"] == "failed" else "")
+        for d in event["deliveries"])
+    content = "<h2>Event %d</h2><table>%s</table>%s<h3>What Vbout sent</h3><pre>%s</pre>" % (
+        event_id, rows, "<h3>Deliveries</h3><table><tr><th>Handler</th><th>Status</th><th>Attempts</th><th>Last error"
+        "</th><th></th></tr>%s</table>" % deliveries if deliveries else "", _e(json_dumps(event["data"], spaced=True)))
+    return _html("Event %d" % event_id, content, _nav(config, session))
+
+
+def _admin_headers(body, headers):
+    import base64
+    import hashlib
+    style = base64.b64encode(hashlib.sha256(STYLE.encode()).digest()).decode()
+    base = [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"), ("X-Frame-Options", "DENY"), ("X-Content-Type-Options", "nosniff"),
+            ("Referrer-Policy", "no-referrer"),
+            ("Content-Security-Policy", "default-src 'none'; style-src 'sha256-%s'; form-action 'self';"
+                                        " frame-ancestors 'none'; base-uri 'none'" % style)]
+    names = {name.lower() for name, _ in headers}
+    return [h for h in base if h[0].lower() not in names] + headers
+
+
+###############################################################################
 # WSGI application ############################################################
 ###############################################################################
 
@@ -1967,6 +2202,14 @@ def application(environ, start_response):
         except ConfigError as e:
             log(None, environ, "error", request_id, "config: %s" % e)
             raise HTTPError(500, "The listener is misconfigured; the details are in its log.") from None
+        query = environ.get("QUERY_STRING", "")
+        if "view=" in query and b"key" not in {name for name, _ in _query_tokens(query)}:
+            status, headers, page = admin(environ, config, method, _client_address(environ, config))
+            headers = _admin_headers(page, headers)
+            start_response(STATUS_LINES.get(status, "%d Status" % status), headers)
+            log(config, environ, "info", request_id, "%s %d admin %.1fms" % (
+                _printable(method[:16]), status, (time.perf_counter() - started) * 1000))
+            return [] if method == "HEAD" else [page]
         status, answer, note = _handle(environ, config, request_id, method)
     except HTTPError as e:
         status, headers = e.status, e.headers
