@@ -650,3 +650,33 @@ def test_inline_outcome_record_leaves_the_connection_durable(tmp_path, own_handl
     site.post(b"transactionid=1")
     assert listener.connect(site.config).execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again
     assert deliveries(site)[0]["status"] == "done"
+
+
+def test_contacts_handler_waits_for_the_disk_only_in_a_file_of_its_own(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shared = handler_site(tmp_path / "a", "contacts").config.handler("contacts").options
+    own = handler_site(tmp_path / "b", "contacts", contacts={"database": "data/crm.sqlite3"}).config
+    assert shared["synchronous"] == "NORMAL"  # ordered with the delivery record by the events database's WAL
+    assert own.handler("contacts").options["synchronous"] == "FULL"
+
+
+def test_retry_run_twice_at_once_retries_each_delivery_once(tmp_path):
+    script = tmp_path / "count.py"
+    script.write_text("import sys, json, time\ne = json.load(sys.stdin)\nopen(%r, 'a').write('%%s\\n' %% e['id'])\n"
+                      "time.sleep(0.05)\nsys.exit(1)\n" % str(tmp_path / "tries.txt"))
+    site = handler_site(tmp_path, "cmd", retry_delay="1", cmd={"module": "command", "command": "%s %s" % (
+        sys.executable, script)})
+    for i in range(12):
+        site.post(b"transactionid=%d" % i)
+    (tmp_path / "tries.txt").write_text("")
+    time.sleep(1.1)
+    env = dict(os.environ)
+    env.pop("GATEWAY_INTERFACE", None)
+    runs = [subprocess.Popen([sys.executable, LISTENER, "--config", site.config_path, "retry"], env=env,
+                             stdout=subprocess.DEVNULL) for _ in range(2)]
+    codes = [p.wait(120) for p in runs]
+    assert 1 in codes and set(codes) <= {0, 1}  # the run that retried them reports them still failing
+    tries = (tmp_path / "tries.txt").read_text().split()
+    assert sorted(tries, key=int) == [str(i) for i in range(1, 13)]  # each retried once, by one of the two
+    assert {r["attempts"] for r in deliveries(site)} == {2}

@@ -160,6 +160,12 @@ def bench_cgi(quick, folder):
     print("   listener.py as CGI: %6.1f ms wall, %5.1f ms CPU (median)" % (o, oc))
     print("   do-nothing wsgiref: %6.1f ms wall, %5.1f ms CPU (median)" % (b, bc))
     print("   ratio: wall %.2f, CPU %.2f (target <= 2.0)" % (o / b, oc / bc if bc else float("nan")))
+    # A CGI script's bytecode is never cached: Python compiles listener.py whole on every request.
+    probe = ("import time; src = open(%r).read(); t = time.perf_counter(); compile(src, 'listener.py', 'exec');"
+             " print((time.perf_counter() - t) * 1000, src.count(chr(10)))" % os.path.join(ROOT, "listener.py"))
+    compiles = [subprocess.check_output([cgi_python(), "-c", probe], text=True).split() for _ in range(5)]
+    print("   of which compiling listener.py (%s lines): %.1f ms (median of 5 fresh processes)"
+          % (compiles[0][1], statistics.median(float(c[0]) for c in compiles)))
 
 
 def bench_memory(folder):
