@@ -679,7 +679,9 @@ class _Tree:
                     self.arrays[name[:pos]] = node
                     self.depths[name[:pos]] = depth - 1
             array, key = node, index
-            number = None if index is None else _php_int_key(index)
+            kind = None if index is None else _KINDS.get(index)
+            number = None if index is None else (_php_int_key(index) if kind is None or kind is False
+                                                 else None if kind is _STR else kind)
             pos = close + 1
             if name[pos:pos + 1] != "[":
                 break  # text after a closed group ends the name: a[b]c[d] is a[b]
@@ -716,10 +718,15 @@ class _Tree:
         return node
 
 
+_KINDS = {}  # key text -> _key_kind(key), shared by every parse: Vbout's keys repeat from call to call
+
+
 def _build_tree(triples, max_depth):
     """The PHP array made of decoded (name, separator, value) triples, as parse_form returns it."""
     tree = _Tree(max_depth)
-    arrays, kinds, set_, add = tree.arrays, {}, tree.set, tree.add
+    if len(_KINDS) > 10000:
+        _KINDS.clear()  # bounded: a stream of unique keys must not grow it without end
+    arrays, kinds, set_, add = tree.arrays, _KINDS, tree.set, tree.add
     for name, _, value in triples:
         # The fast path: name is '<cached prefix>[<plain key>]'.
         j = name.rfind("[")

@@ -238,6 +238,14 @@ def main():
             cpu, rps = statistics.median(results[name]["cpu"]), statistics.median(results[name]["rps"])
             medians[name] = (cpu, rps)
             print("   %-20s %5.2f ms CPU per request   %6.0f requests/s   (median of rounds)" % (name, cpu, rps))
+        # No request answered 200 may be missing from the database afterwards.
+        import sqlite3
+        answered = rounds * per_round + 50
+        for name, path in (("listener (mod_wsgi)", "app/data/events.sqlite3"), ("mod_php + PDO", "phpdata/events.sqlite3"),
+                           ("Flask (mod_wsgi)", "flaskdata/events.sqlite3")):
+            stored = sqlite3.connect(os.path.join(bench.root, path)).execute("SELECT count(*) FROM events").fetchone()[0]
+            print("   %-20s %d answered 200, %d stored%s" % (name, answered, stored, "" if stored == answered
+                                                             else "  <-- MISSING %d" % (answered - stored)))
         ours, php, flask = (medians[name] for name, _ in contenders)
         print("   CPU per request: %.2fx mod_php's (target <= 1.3), %.2fx Flask's (target <= 0.6)"
               % (ours[0] / php[0], ours[0] / flask[0]))
