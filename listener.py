@@ -579,11 +579,24 @@ def _php_int_key(key):
 
 
 def _key_kind(key):
-    """For the fast path: None for an append ('' or ' '), a ']' or a NUL; else its int or _STR."""
+    """For the fast path: False for an append ('' or ' '), a ']' or a NUL; else its int or _STR."""
     if key == "" or key == " " or "]" in key or "\x00" in key:
-        return None
+        return False
     number = _php_int_key(key)
     return _STR if number is None else number
+
+
+def _kind_of(key):
+    """_key_kind(key), remembered across parses (Vbout's keys repeat from call to call)."""
+    kind = _KINDS.get(key)
+    if kind is None:
+        if len(_KINDS) > 10000:
+            _KINDS.clear()  # bounded: a stream of unique keys must not grow it without end
+        kind = _KINDS[key] = _key_kind(key)
+    return kind
+
+
+_KINDS = {}
 
 
 class _Tree:
@@ -679,9 +692,7 @@ class _Tree:
                     self.arrays[name[:pos]] = node
                     self.depths[name[:pos]] = depth - 1
             array, key = node, index
-            kind = None if index is None else _KINDS.get(index)
-            number = None if index is None else (_php_int_key(index) if kind is None or kind is False
-                                                 else None if kind is _STR else kind)
+            number = None if index is None else _php_int_key(index)
             pos = close + 1
             if name[pos:pos + 1] != "[":
                 break  # text after a closed group ends the name: a[b]c[d] is a[b]
@@ -705,7 +716,7 @@ class _Tree:
         key = prefix[j + 1:-1]
         kind = kinds.get(key)
         if kind is None:
-            kind = kinds[key] = _key_kind(key) or False
+            kind = _kind_of(key)
         if kind is False:
             return None
         node = parent.get(key)
@@ -718,14 +729,9 @@ class _Tree:
         return node
 
 
-_KINDS = {}  # key text -> _key_kind(key), shared by every parse: Vbout's keys repeat from call to call
-
-
 def _build_tree(triples, max_depth):
     """The PHP array made of decoded (name, separator, value) triples, as parse_form returns it."""
     tree = _Tree(max_depth)
-    if len(_KINDS) > 10000:
-        _KINDS.clear()  # bounded: a stream of unique keys must not grow it without end
     arrays, kinds, set_, add = tree.arrays, _KINDS, tree.set, tree.add
     for name, _, value in triples:
         # The fast path: name is '<cached prefix>[<plain key>]'.
@@ -734,7 +740,7 @@ def _build_tree(triples, max_depth):
             last = name[j + 1:-1]
             kind = kinds.get(last)
             if kind is None:
-                kind = kinds[last] = _key_kind(last) or False
+                kind = _kind_of(last)
             if kind is not False:
                 prefix = name[:j]
                 array = arrays.get(prefix)

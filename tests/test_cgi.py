@@ -97,10 +97,16 @@ def test_cgi_logs_to_stderr_without_the_key(upload):
 
 
 def test_cgi_proxy_header_is_not_an_http_proxy(upload):
-    status, _, _, _ = cgi(upload, b"a=1", extra={"HTTP_PROXY": "http://198.51.100.1:3128"})
-    assert status == 200
-    conn = sqlite3.connect(os.path.join(upload, "data", "events.sqlite3"))
-    assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 1
+    """httpoxy: a request's `Proxy:` header arrives as HTTP_PROXY; no handler may see it as a proxy."""
+    os.makedirs(os.path.join(upload, "handlers"))
+    with open(os.path.join(upload, "handlers", "seen.py"), "w") as f:
+        f.write("import os, urllib.request\ndef handle(event, settings):\n"
+                "    return {'env': os.environ.get('HTTP_PROXY'), 'urllib': urllib.request.getproxies().get('http')}\n")
+    write_config(upload, log_file=None, respond_with="seen.env, seen.urllib")
+    with open(os.path.join(upload, "config.ini"), "a") as f:
+        f.write("[handlers]\nenabled = seen\n")
+    status, _, answer, _ = cgi(upload, b"a=1", extra={"HTTP_PROXY": "http://198.51.100.1:3128"})
+    assert status == 200 and answer["seen"] == {"env": None, "urllib": None}
 
 
 def test_cgi_read_only_database_folder_spools_or_refuses(upload):
