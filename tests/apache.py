@@ -185,3 +185,56 @@ class Apache:
                 return response.status, dict(response.headers), response.read()
         except urllib.error.HTTPError as e:
             return e.code, dict(e.headers), e.read()
+
+
+PASSENGER_CONFIG = """
+ServerRoot "{root}"
+ServerName 127.0.0.1
+Listen 127.0.0.1:{port}
+PidFile "{root}/httpd.pid"
+ErrorLog "{root}/error.log"
+LogLevel warn
+LoadModule mpm_event_module {modules}/mod_mpm_event.so
+LoadModule authz_core_module {modules}/mod_authz_core.so
+LoadModule mime_module {modules}/mod_mime.so
+LoadModule passenger_module {modules}/mod_passenger.so
+TypesConfig /etc/mime.types
+User www-data
+Group www-data
+PassengerRoot /usr/lib/ruby/vendor_ruby/phusion_passenger/locations.ini
+PassengerDefaultRuby /usr/bin/ruby
+PassengerInstanceRegistryDir "{root}"
+PassengerDataBufferDir "{root}/buffer"
+PassengerDefaultUser www-data
+PassengerDisableSecurityUpdateCheck on
+PassengerDisableAnonymousTelemetry on
+DocumentRoot "{app}/public"
+<Directory />
+    AllowOverride None
+</Directory>
+<Directory "{app}/public">
+    Require all granted
+</Directory>
+# What cPanel's "Setup Python App" writes for: startup file listener.py, entry point application.
+PassengerAppRoot "{app}"
+PassengerAppType wsgi
+PassengerStartupFile listener.py
+PassengerPython /usr/bin/python3
+"""
+
+
+class Passenger(Apache):
+    """Apache with Phusion Passenger running the uploaded folder as a Python app (listener.py, no shim)."""
+
+    def __init__(self, config_text):
+        self.root = tempfile.mkdtemp(prefix="vbout-passenger-")
+        os.chmod(self.root, 0o755)
+        self.port = free_port()
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.app = os.path.join(self.root, "vbout")
+        self._upload(self.app, config_text)
+        os.makedirs(os.path.join(self.app, "public"))
+        os.makedirs(os.path.join(self.root, "buffer"))
+        with open(os.path.join(self.root, "httpd.conf"), "w") as f:
+            f.write(PASSENGER_CONFIG.format(root=self.root, port=self.port, modules=MODULES, app=self.app))
+        self.start()

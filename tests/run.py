@@ -27,7 +27,8 @@ REQUIREMENTS = os.path.join(HERE, "requirements.txt")
 SYSTEM_PACKAGES = [
     ("php", "php-cli"),  # PHP's own parse_str and http_build_query, for the parser's semantics
     ("/usr/sbin/apache2", "apache2"),  # the deployment tests: CGI on a real Apache...
-    ("/usr/lib/apache2/modules/mod_wsgi.so", "libapache2-mod-wsgi-py3"),  # ...and mod_wsgi
+    ("/usr/lib/apache2/modules/mod_wsgi.so", "libapache2-mod-wsgi-py3"),  # ...mod_wsgi...
+    ("/usr/lib/apache2/modules/mod_passenger.so", "libapache2-mod-passenger"),  # ...and Passenger
     ("chromium", "chromium"),  # the status page in a real browser...
     ("chromedriver", "chromium-driver"),  # ...driven through selenium
 ]

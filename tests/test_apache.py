@@ -233,3 +233,24 @@ def test_apache_cgi_without_htaccess_handling_is_caught_by_check(tmp_path):
         assert "fix:" in result.stdout
     finally:
         instance.close()
+
+
+def test_passenger_runs_listener_py_as_its_startup_file():
+    """cPanel's "Setup Python App": startup file listener.py, entry point application; no passenger_wsgi.py."""
+    if not os.path.exists(os.path.join(apache.MODULES, "mod_passenger.so")):
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the Passenger test: libapache2-mod-passenger is not installed")
+        pytest.skip("libapache2-mod-passenger is not installed (tests/run.py installs it as root)")
+    instance = apache.Passenger(CONFIG)
+    try:
+        status, _, body = instance.request(instance.url + "/listener.py?key=" + SECRET, timeout=90)
+        assert status == 200 and json.loads(body)["server"] == "passenger"
+        status, _, body = instance.request(instance.url + "/anything?key=" + SECRET, php_body("passenger"),
+                                           headers=FORM, timeout=90)
+        assert status == 200 and json.loads(body)["event_id"] == 1
+        conn = sqlite3.connect(os.path.join(instance.app, "data", "events.sqlite3"))
+        assert conn.execute("SELECT transaction_id FROM events").fetchall() == [("passenger",)]
+        assert not os.path.exists(os.path.join(instance.app, "passenger_wsgi.py"))
+        assert "Traceback" not in instance.error_log()
+    finally:
+        instance.close()
