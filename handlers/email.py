@@ -17,6 +17,7 @@ SETTINGS = {
     "security": ("starttls", "starttls, ssl or none."),
     "user": ("", "Login name; empty: no login."),
     "password_env": ("", "The environment variable that holds the password (for example SMTP_PASSWORD)."),
+    "ca_file": ("", "A CA certificate file to trust for the server (empty: the system's)."),
     "from": ("", "The sender address; required."),
     "to": ("", "Comma-separated recipients; required."),
     "subject": ("New Vbout contact: {contact.email}", "The subject template."),
@@ -31,6 +32,7 @@ def check(settings):
         "host": settings.get("host", "").strip(), "port": settings.number("port", 1, 65535),
         "security": settings.choice("security", "starttls", "ssl", "none"),
         "user": settings.get("user", "").strip(), "password_env": settings.get("password_env", "").strip(),
+        "ca_file": settings.path("ca_file"),
         "from": settings.get("from", "").strip(),
         "to": [a.strip() for a in settings.get("to", "").split(",") if a.strip()],
         "subject": settings.get("subject", ""),
@@ -41,6 +43,8 @@ def check(settings):
         raise settings.error("from", "is not an email address", "listener@example.com")
     if not options["to"] or not all("@" in a for a in options["to"]):
         raise settings.error("to", "is not a list of email addresses", "you@example.com, sales@example.com")
+    if options["ca_file"] and not os.path.isfile(options["ca_file"]):
+        raise settings.error("ca_file", "is not a file", "a PEM file such as /etc/ssl/certs/my-ca.pem")
     if options["user"] and not options["password_env"]:
         raise settings.error("password_env", "is needed when user is set", "SMTP_PASSWORD")
     return options
@@ -78,7 +82,7 @@ def handle(event, options):
         password = os.environ.get(options["password_env"])
         if password is None:
             raise LookupError("the environment variable %s is not set" % options["password_env"])
-    context = ssl.create_default_context()
+    context = ssl.create_default_context(cafile=options["ca_file"])
     if options["security"] == "ssl":
         server = smtplib.SMTP_SSL(options["host"], options["port"], timeout=options["timeout"], context=context)
     else:

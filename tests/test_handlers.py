@@ -599,6 +599,52 @@ def test_email_handler_sends_through_a_real_smtp_conversation(tmp_path, monkeypa
     assert "Name: Ana\n\n{literal}" in content.replace("\r\n", "\n")
 
 
+@pytest.mark.parametrize("security", ["starttls", "ssl"])
+def test_email_handler_over_tls(tmp_path, security):
+    """STARTTLS and SSL against a real SMTP server with a certificate of its own (trusted through ca_file)."""
+    import shutil
+    import ssl
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is needed to make a test certificate")
+    from aiosmtpd.controller import Controller
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(str(cert), str(key))
+    received = []
+
+    class Collect:
+        async def handle_DATA(self, server, session, envelope):
+            received.append((envelope.content.decode(), session.ssl is not None))
+            return "250 OK"
+
+    port = free_port()
+    if security == "starttls":
+        controller = Controller(Collect(), hostname="127.0.0.1", port=port, tls_context=server_context,
+                                require_starttls=True)
+    else:
+        controller = Controller(Collect(), hostname="127.0.0.1", port=port, ssl_context=server_context)
+    controller.start()
+    try:
+        site = handler_site(tmp_path, "mail", mail={
+            "module": "email", "host": "127.0.0.1", "port": str(port), "security": security, "ca_file": str(cert),
+            "from": "listener@example.com", "to": "sales@example.com"})
+        site.post(b"transactionid=1&contact[email]=ana@example.com")
+        (tmp_path / "untrusted").mkdir()
+        untrusted = handler_site(tmp_path / "untrusted", "mail", mail={"module": "email", "host": "127.0.0.1", "port": str(port),
+                                               "security": security, "from": "a@b.c", "to": "d@e.f"})
+        untrusted.post(b"transactionid=2")
+    finally:
+        controller.stop()
+    assert deliveries(site)[0]["status"] == "done"
+    assert len(received) == 1 and "ana@example.com" in received[0][0]
+    assert received[0][1] is True or security == "ssl"  # STARTTLS upgraded; on the SSL port all is TLS
+    failed = deliveries(untrusted)[0]
+    assert failed["status"] == "failed" and "CERTIFICATE_VERIFY_FAILED" in failed["last_error"]  # verification stays on
+
+
 def test_email_handler_failure_is_recorded(tmp_path):
     site = handler_site(tmp_path, "mail", mail={"module": "email", "host": "127.0.0.1", "port": str(free_port()),
                                                 "security": "none", "from": "a@b.c", "to": "d@e.f"})
