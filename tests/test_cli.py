@@ -136,3 +136,26 @@ def test_spool_command_imports_and_is_silent_when_idle(tmp_path):
     assert idle.returncode == 0 and idle.stdout == ""
     conn = sqlite3.connect(config.database)
     assert conn.execute("SELECT transaction_id FROM events").fetchall() == [("s1",)]
+
+
+def test_readme_serve_command_works_on_a_fresh_clone(tmp_path):
+    """`python3 listener.py serve` in a copy of what git tracks, with the shipped config.ini as it is."""
+    tracked = subprocess.check_output(["git", "ls-files"], cwd=ROOT, text=True).split()
+    for name in tracked:
+        if not name.startswith("tests/"):
+            os.makedirs(str(tmp_path / os.path.dirname(name)), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, name), str(tmp_path / name))
+    env = dict(os.environ)
+    env.pop("VBOUT_LISTENER_CONFIG", None)
+    proc = subprocess.Popen([sys.executable, "listener.py", "serve", "--port", "0"], cwd=str(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        lines = [proc.stdout.readline() for _ in range(4)]
+        assert "temporary" in lines[1]
+        url = lines[2].split(": ", 1)[1].strip()
+        status, answer = http(url, vbout_body(9))
+        assert status == 200 and answer["event_id"] == 1
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert os.path.exists(str(tmp_path / "data" / "events.sqlite3"))
