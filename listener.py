@@ -590,8 +590,6 @@ def _kind_of(key):
     """_key_kind(key), remembered across parses (Vbout's keys repeat from call to call)."""
     kind = _KINDS.get(key)
     if kind is None:
-        if len(_KINDS) > 10000:
-            _KINDS.clear()  # bounded: a stream of unique keys must not grow it without end
         kind = _KINDS[key] = _key_kind(key)
     return kind
 
@@ -754,6 +752,8 @@ def _build_tree(triples, max_depth):
                     continue
         add(name, value)
     _to_json_shape(tree)
+    if len(_KINDS) > 1000:
+        _KINDS.clear()  # a large body's keys are not worth keeping (they would pin memory), Vbout's few are
     return tree.top
 
 
