@@ -7,7 +7,10 @@ handed to the handlers switched on in config.ini.
 
     WSGI:  application                      (mod_wsgi, Passenger, gunicorn listener:application)
     CGI:   upload the folder, make listener.py executable, call listener.py?key=SECRET
-    CLI:   python3 listener.py serve | init | spool | --help
+    CLI:   python3 listener.py --help         (serve, init, check; deliver, retry, replay, spool
+                                             for cron; events, stats, prune, forget, send-sample,
+                                             learn, tail for the operator)
+    Web:   listener.py?view=status           (the status page, once [listener] admin_secret is set)
 
 config.ini is read from the file named by VBOUT_LISTENER_CONFIG (in the WSGI environ or the
 process environment), else from config.ini beside this file; without one, the embedded
