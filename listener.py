@@ -84,6 +84,12 @@ def json_loads(text):
     import json  # loaded only where JSON is read: it pulls in `re`
     return json.loads(text)
 
+
+def json_pretty(value):
+    """Indented JSON for people (events show, the status page)."""
+    import json
+    return json.dumps(value, indent=2, ensure_ascii=False)
+
 ###############################################################################
 # Errors ######################################################################
 ###############################################################################
@@ -2184,7 +2190,7 @@ def _event_page(conn, config, event_id, session):
         for d in event["deliveries"])
     content = "<h2>Event %d</h2><table>%s</table>%s<h3>What Vbout sent</h3><pre>%s</pre>" % (
         event_id, rows, "<h3>Deliveries</h3><table><tr><th>Handler</th><th>Status</th><th>Attempts</th><th>Last error"
-        "</th><th></th></tr>%s</table>" % deliveries if deliveries else "", _e(json_dumps(event["data"], spaced=True)))
+        "</th><th></th></tr>%s</table>" % deliveries if deliveries else "", _e(json_pretty(event["data"])))
     return _html("Event %d" % event_id, content, _nav(config, session))
 
 
@@ -2937,7 +2943,7 @@ def cmd_events(args):
         for d in event["deliveries"]:
             print("delivery:       %s %s, %d attempt(s)%s" % (d["handler"], d["status"], d["attempts"],
                                                              ": " + d["last_error"] if d["last_error"] else ""))
-        print(json_dumps(event["data"], spaced=True))
+        print(json_pretty(event["data"]))
         return 0
     if args.action == "export":
         out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
