@@ -88,6 +88,11 @@ WSGIScriptAlias /wsgi/listener.py "{app}/listener.py" process-group=vbout applic
 <Location /wsgi>
     SetEnv VBOUT_LISTENER_CONFIG "{private}/config.ini"
 </Location>
+# Embedded mode: the same app inside Apache's own (threaded) processes.
+WSGIScriptAlias /embedded/listener.py "{app}/listener.py" process-group=%{{GLOBAL}} application-group=%{{GLOBAL}}
+<Location /embedded>
+    SetEnv VBOUT_LISTENER_CONFIG "{private}/config.ini"
+</Location>
 """
 
 
@@ -113,6 +118,7 @@ class Apache:
                 f.write(config_text or "[listener]\n")
             self._give_to_server(self.private)
             self.wsgi_url = self.url + "/wsgi/listener.py"
+            self.embedded_url = self.url + "/embedded/listener.py"
             text += WSGI_CONFIG.format(app=self.app, private=self.private)
         with open(os.path.join(self.root, "httpd.conf"), "w") as f:
             f.write(text + extra)
