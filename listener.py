@@ -1076,13 +1076,16 @@ def save(config, row):
     Inline handlers' deliveries are stored as 'running', claimed by this request; deferred ones
     as 'pending', for `listener.py deliver`.
     """
-    import sqlite3
+    try:
+        from sqlite3 import Error as SQLiteError
+    except ImportError:  # a Python built without sqlite3: connect() says so, and the spool takes the event
+        SQLiteError = StorageError
     claim = os.urandom(8).hex() if config.handlers else None
     deliveries = [(h.name, "running" if h.run == "inline" else "pending") for h in config.handlers]
     try:
         conn = connect(config)
         event_id, duplicate = store_event(conn, row, config.dedupe_window, deliveries, claim)
-    except (sqlite3.Error, StorageError, OSError) as e:
+    except (SQLiteError, StorageError, OSError) as e:
         spool_append(config, row)  # raises OSError when the spool cannot take it either
         return {"event_id": None, "duplicate": False, "spooled": True}, e, None
     if _spool_waiting(config):

@@ -172,3 +172,22 @@ def test_both_database_and_spool_failing_is_503(site, tmp_path):
     answer = site.post(b"transactionid=1", status=503).json
     assert answer == {"ok": False, "error": "The event could not be stored; try again later.", "status": 503}
     assert str(tmp_path) not in json.dumps(answer)
+
+
+def test_too_old_sqlite_spools_with_a_clear_message(site, monkeypatch):
+    monkeypatch.setattr(listener, "SQLITE_MINIMUM", (99, 0, 0))
+    listener._connections.by_path = {}
+    assert site.post(b"transactionid=old").json["spooled"] is True
+    assert "is too old (the listener needs 99.0.0 or newer)" in site.log_text()
+
+
+def test_python_without_sqlite3_spools_instead_of_failing(site, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sqlite3", None)  # `import sqlite3` now raises ImportError
+    listener._connections.by_path = {}
+    assert site.post(b"transactionid=nosqlite").json == {"ok": True, "event_id": None, "duplicate": False,
+                                                        "spooled": True}
+    assert "this Python has no sqlite3 module" in site.log_text()
+    monkeypatch.undo()
+    listener._connections.by_path = {}
+    site.post(b"transactionid=later")  # a healthy database again: the spooled event comes in
+    assert sorted(r["transaction_id"] for r in site.rows()) == ["later", "nosqlite"]
