@@ -40,27 +40,34 @@ def free_port():
         return s.getsockname()[1]
 
 
-BASE_CONFIG = """
+SERVER_HEADER = """
 ServerRoot "{root}"
 ServerName 127.0.0.1
 Listen 127.0.0.1:{port}
 PidFile "{root}/httpd.pid"
 ErrorLog "{root}/error.log"
 LogLevel warn
-CustomLog "{root}/access.log" "%h \\"%r\\" %>s %b"
-LoadModule mpm_event_module {modules}/mod_mpm_event.so
+LoadModule mpm_{mpm}_module {modules}/mod_mpm_{mpm}.so
 LoadModule authz_core_module {modules}/mod_authz_core.so
-LoadModule authz_host_module {modules}/mod_authz_host.so
 LoadModule mime_module {modules}/mod_mime.so
-LoadModule dir_module {modules}/mod_dir.so
-LoadModule alias_module {modules}/mod_alias.so
-LoadModule env_module {modules}/mod_env.so
-LoadModule headers_module {modules}/mod_headers.so
-LoadModule cgid_module {modules}/mod_cgid.so
-LoadModule wsgi_module {modules}/mod_wsgi.so
+TypesConfig /etc/mime.types
 User www-data
 Group www-data
-TypesConfig /etc/mime.types
+"""
+
+
+def server_header(root, port, mpm, *loads):
+    """What every private Apache here starts with, plus LoadModule lines for (name, file) pairs."""
+    return SERVER_HEADER.format(root=root, port=port, mpm=mpm, modules=MODULES) + "".join(
+        "LoadModule %s_module %s/%s\n" % (name, MODULES, file) for name, file in loads)
+
+
+def modules(*names):
+    return [(name, "mod_%s.so" % name) for name in names]
+
+
+BASE_CONFIG = """
+CustomLog "{root}/access.log" "%h \\"%r\\" %>s %b"
 ScriptSock "{root}/cgid.sock"
 WSGISocketPrefix "{root}/wsgi"
 Timeout 60
@@ -108,7 +115,8 @@ class Apache:
         self.site = os.path.join(self.root, "htdocs", "private", "vbout")
         self.cgi_url = self.url + "/private/vbout/listener.py"
         self._upload(self.site, config_text)
-        text = BASE_CONFIG.format(root=self.root, port=self.port, modules=MODULES)
+        text = server_header(self.root, self.port, "event", *modules(
+            "authz_host", "dir", "alias", "env", "headers", "cgid", "wsgi")) + BASE_CONFIG.format(root=self.root)
         if wsgi:
             self.app = os.path.join(self.root, "app")
             self.private = os.path.join(self.root, "private")
@@ -194,19 +202,6 @@ class Apache:
 
 
 PASSENGER_CONFIG = """
-ServerRoot "{root}"
-ServerName 127.0.0.1
-Listen 127.0.0.1:{port}
-PidFile "{root}/httpd.pid"
-ErrorLog "{root}/error.log"
-LogLevel warn
-LoadModule mpm_event_module {modules}/mod_mpm_event.so
-LoadModule authz_core_module {modules}/mod_authz_core.so
-LoadModule mime_module {modules}/mod_mime.so
-LoadModule passenger_module {modules}/mod_passenger.so
-TypesConfig /etc/mime.types
-User www-data
-Group www-data
 PassengerRoot /usr/lib/ruby/vendor_ruby/phusion_passenger/locations.ini
 PassengerDefaultRuby /usr/bin/ruby
 PassengerInstanceRegistryDir "{root}"
@@ -242,5 +237,6 @@ class Passenger(Apache):
         os.makedirs(os.path.join(self.app, "public"))
         os.makedirs(os.path.join(self.root, "buffer"))
         with open(os.path.join(self.root, "httpd.conf"), "w") as f:
-            f.write(PASSENGER_CONFIG.format(root=self.root, port=self.port, modules=MODULES, app=self.app))
+            f.write(server_header(self.root, self.port, "event", *modules("passenger")) +
+                    PASSENGER_CONFIG.format(root=self.root, app=self.app))
         self.start()

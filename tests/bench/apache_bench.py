@@ -40,23 +40,6 @@ PACKAGES = [("/usr/sbin/apache2", "apache2"), ("/usr/lib/apache2/modules/mod_wsg
             ("/usr/lib/php/*/pdo_sqlite.so", "php-sqlite3"), ("/usr/lib/python3/dist-packages/flask", "python3-flask")]
 
 CONFIG = """
-ServerRoot "{root}"
-ServerName 127.0.0.1
-Listen 127.0.0.1:{port}
-PidFile "{root}/httpd.pid"
-ErrorLog "{root}/error.log"
-LogLevel warn
-LoadModule mpm_prefork_module {modules}/mod_mpm_prefork.so
-LoadModule authz_core_module {modules}/mod_authz_core.so
-LoadModule mime_module {modules}/mod_mime.so
-LoadModule alias_module {modules}/mod_alias.so
-LoadModule env_module {modules}/mod_env.so
-LoadModule cgi_module {modules}/mod_cgi.so
-LoadModule wsgi_module {modules}/mod_wsgi.so
-LoadModule php_module {modules}/libphp8.2.so
-User www-data
-Group www-data
-TypesConfig /etc/mime.types
 WSGISocketPrefix "{root}/wsgi"
 StartServers 8
 MinSpareServers 8
@@ -146,7 +129,8 @@ class Bench:
         os.chmod(os.path.join(cgi, "nothing.py"), 0o755)
         subprocess.check_call(["chown", "-R", "www-data:www-data", root])
         with open(os.path.join(root, "httpd.conf"), "w") as f:
-            f.write(CONFIG.format(root=root, port=self.port, modules=apache.MODULES, secret=SECRET))
+            f.write(apache.server_header(root, self.port, "prefork", *apache.modules("alias", "env", "cgi", "wsgi"),
+                                         ("php", "libphp8.2.so")) + CONFIG.format(root=root, secret=SECRET))
         env = {"PATH": apache.SERVER_PATH, "LANG": "C", "VBOUT_FLASK_DB": os.path.join(root, "flaskdata", "events.sqlite3")}
         result = subprocess.run([apache.HTTPD, "-f", os.path.join(root, "httpd.conf"), "-k", "start"], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -215,10 +199,12 @@ def main():
                   ("mod_php + PDO", "/php/listener.php?key=" + SECRET),
                   ("Flask (mod_wsgi)", "/flask/?key=" + SECRET)]
     results = {name: {"cpu": [], "rps": []} for name, _ in contenders}
+    answered = dict.fromkeys(results, 0)  # 200s actually received, warm-up included
     serial = 0
     try:
         for name, path in contenders:  # warm up each (daemon processes, opcode cache, imports)
-            bench.load(path, [vbout_body(10 ** 7 + serial + i) for i in range(50)], concurrency)
+            answered[name] += bench.load(path, [vbout_body(10 ** 7 + serial + i) for i in range(50)],
+                                         concurrency)[1].count(200)
             serial += 50
         for round_ in range(rounds):
             for name, path in contenders:
@@ -228,6 +214,7 @@ def main():
                 seconds, statuses = bench.load(path, bodies, concurrency)
                 used = bench.cpu_seconds() - before
                 assert statuses.count(200) == per_round, (name, sorted(set(statuses)))
+                answered[name] += per_round
                 results[name]["cpu"].append(used / per_round * 1000)
                 results[name]["rps"].append(per_round / seconds)
         print("Apache %s, prefork; %d rounds x %d requests per contender at concurrency %d; body %d bytes"
@@ -240,12 +227,11 @@ def main():
             print("   %-20s %5.2f ms CPU per request   %6.0f requests/s   (median of rounds)" % (name, cpu, rps))
         # No request answered 200 may be missing from the database afterwards.
         import sqlite3
-        answered = rounds * per_round + 50
         for name, path in (("listener (mod_wsgi)", "app/data/events.sqlite3"), ("mod_php + PDO", "phpdata/events.sqlite3"),
                            ("Flask (mod_wsgi)", "flaskdata/events.sqlite3")):
             stored = sqlite3.connect(os.path.join(bench.root, path)).execute("SELECT count(*) FROM events").fetchone()[0]
-            print("   %-20s %d answered 200, %d stored%s" % (name, answered, stored, "" if stored == answered
-                                                             else "  <-- MISSING %d" % (answered - stored)))
+            print("   %-20s %d answered 200, %d stored%s" % (name, answered[name], stored, "" if stored == answered[name]
+                                                             else "  <-- MISSING %d" % (answered[name] - stored)))
         ours, php, flask = (medians[name] for name, _ in contenders)
         print("   CPU per request: %.2fx mod_php's (target <= 1.3), %.2fx Flask's (target <= 0.6)"
               % (ours[0] / php[0], ours[0] / flask[0]))
