@@ -1259,10 +1259,10 @@ class Condition:
 class Settings(dict):
     """A handler's own [handler:NAME] keys as text, with helpers that read them and name the key in errors."""
 
-    def __init__(self, values, name, config):
+    def __init__(self, values, name, config, timeout):
         super().__init__(values)
         self.name, self.section = name, "handler:" + name
-        self.timeout = config.handler_defaults["timeout"]  # this handler's time budget, in seconds
+        self.timeout = timeout  # this handler's time budget, in seconds
         self.config_file, self.folder, self.database = config.label, config.folder, config.database
 
     def error(self, key, problem, hint=None):
@@ -1304,6 +1304,11 @@ class Settings(dict):
     def expand(text):
         """${NAME} replaced by the environment variable NAME (LookupError when it is not set)."""
         return expand_environment(text)
+
+    @staticmethod
+    def encode_form(tree):
+        """A tree as PHP's http_build_query writes it (listener.encode_form)."""
+        return encode_form(tree)
 
     def pairs(self, key, separator="="):
         """[(name, value)] from lines such as `email = contact.email`."""
@@ -1387,8 +1392,7 @@ class Handler:
                         label, name, key, _known_keys_hint(key, list(declared) + [n for (s, n) in KEYS
                                                                                  if s == "handler:*"])))
             given = dict({k: v[0] for k, v in declared.items()}, **given)
-        self.settings = Settings(given, name, config)
-        self.settings.timeout = self.timeout
+        self.settings = Settings(given, name, config, self.timeout)
         check = getattr(self.module, "check", None)
         parsed = None
         if check is not None:

@@ -15,7 +15,6 @@ import json
 import ssl
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 
 SETTINGS = {
@@ -48,6 +47,7 @@ class Options:
         self.proxy = settings.get("proxy", "").strip()
         self.verify = settings.flag("verify_tls")
         self.expand = settings.expand  # ${NAME} from the environment, at delivery time
+        self.encode_form = settings.encode_form  # Vbout's own bracket notation
 
 
 def check(settings):
@@ -70,7 +70,7 @@ def handle(event, options):
         body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         content_type = "application/json"
     else:
-        body = urllib.parse.urlencode(list(_php_pairs(payload))).encode("ascii")
+        body = options.encode_form(payload)
         content_type = "application/x-www-form-urlencoded"
     headers = {"Content-Type": content_type, "User-Agent": "vbout-listener"}
     for name, value in options.headers:
@@ -104,15 +104,3 @@ def sign(secret, message_id, timestamp, body):
     signature = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode("ascii")
     return {"webhook-id": message_id, "webhook-timestamp": str(timestamp), "webhook-signature": "v1," + signature}
 
-
-def _php_pairs(value, prefix=None):
-    """(name, value) pairs in PHP's bracket notation, as http_build_query writes them."""
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, list):
-        items = enumerate(value)
-    else:
-        yield prefix, "" if value is None else ("1" if value is True else "0" if value is False else str(value))
-        return
-    for key, item in items:
-        yield from _php_pairs(item, "%s[%s]" % (prefix, key) if prefix is not None else str(key))

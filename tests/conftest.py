@@ -31,6 +31,18 @@ def write_config(folder, **settings):
     return path
 
 
+def query(database, sql="SELECT * FROM events ORDER BY id", params=()):
+    """Rows of a SQLite file as dicts; [] while the file does not exist."""
+    if not os.path.exists(database):
+        return []
+    conn = sqlite3.connect(database)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute(sql, params)]
+    finally:
+        conn.close()
+
+
 class Site:
     """One listener installation in a temporary folder, called through WebTest."""
 
@@ -62,14 +74,7 @@ class Site:
                              headers={"Content-Type": content_type}, **kw)
 
     def rows(self, sql="SELECT * FROM events ORDER BY id", params=()):
-        if not os.path.exists(self.config.database):
-            return []
-        conn = sqlite3.connect(self.config.database)
-        conn.row_factory = sqlite3.Row
-        try:
-            return [dict(r) for r in conn.execute(sql, params)]
-        finally:
-            conn.close()
+        return query(self.config.database, sql, params)
 
     def log_text(self):
         path = os.path.join(self.folder, "data", "listener.log")

@@ -16,7 +16,7 @@ import pytest
 
 import apache
 import listener
-from conftest import PHP, SECRET
+from conftest import PHP, SECRET, query
 
 WHY = apache.missing()
 pytestmark = [pytest.mark.apache,
@@ -58,12 +58,7 @@ def database(server, face):
 
 
 def rows(server, face, sql="SELECT * FROM events ORDER BY id", params=()):
-    conn = sqlite3.connect(database(server, face))
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute(sql, params)]
-    finally:
-        conn.close()
+    return query(database(server, face), sql, params)
 
 
 def php_body(transaction_id):
@@ -96,10 +91,10 @@ def test_apache_php_encoded_vbout_post_is_stored_with_its_tree(server, face):
 
 @pytest.mark.parametrize("face", FACES)
 def test_apache_wrong_key_is_403_and_stores_nothing(server, face):
-    before = len(rows(server, face)) if os.path.exists(database(server, face)) else 0
+    before = len(rows(server, face))
     status, _, body = server.request(url(server, face, key="guess-guess-guess-guess"), b"a=1", headers=FORM)
     assert status == 403 and json.loads(body)["error"] == "The key is missing or wrong."
-    assert (len(rows(server, face)) if os.path.exists(database(server, face)) else 0) == before
+    assert len(rows(server, face)) == before
 
 
 @pytest.mark.parametrize("face", FACES)

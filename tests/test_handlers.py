@@ -701,10 +701,14 @@ def test_inline_outcome_record_leaves_the_connection_durable(tmp_path, own_handl
 def test_contacts_handler_waits_for_the_disk_only_in_a_file_of_its_own(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    shared = handler_site(tmp_path / "a", "contacts").config.handler("contacts").options
-    own = handler_site(tmp_path / "b", "contacts", contacts={"database": "data/crm.sqlite3"}).config
-    assert shared["synchronous"] == "NORMAL"  # ordered with the delivery record by the events database's WAL
-    assert own.handler("contacts").options["synchronous"] == "FULL"
+    for folder, sections, expected in (("a", {}, 1), ("b", {"contacts": {"database": "data/crm.sqlite3"}}, 2)):
+        site = handler_site(tmp_path / folder, "contacts", **sections)
+        site.post(vbout_body(1))  # the handler opens its connection in this (the request's) thread
+        handler = site.config.handler("contacts")
+        key = (handler.options["database"], handler.options["synchronous"])
+        conn = handler.module._local.connections[key][0]  # the connection the request wrote with
+        # 1 NORMAL: ordered with the delivery record by the events database's WAL; 2 FULL in a file of its own
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == expected
 
 
 def test_retry_run_twice_at_once_retries_each_delivery_once(tmp_path):
