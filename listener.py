@@ -2270,17 +2270,20 @@ def _handle(environ, config, request_id, method):
     if config.allowed_ips and not _address_in(remote, config.allowed_ips):
         raise HTTPError(403, "This address may not call the listener.")
     query = environ.get("QUERY_STRING", "")
-    if not _key_ok(environ, query, secrets):
+    tokens = _query_tokens(query)
+    if not _key_ok(environ, tokens, secrets):
         raise HTTPError(403, "The key is missing or wrong.")
     if method not in ALLOWED_METHODS:
         raise HTTPError(405, "Method not allowed: Vbout calls with POST or GET.",
                         [("Allow", ", ".join(ALLOWED_METHODS))])
     limits = (config.max_params, config.max_depth)
-    if method == "HEAD" or (method == "GET" and not _without_key(query)):
+    # The query without its `key` parameters: what a GET call stores (the key never is).
+    without_key = "&".join(token for name, token in tokens if name != b"key")
+    if method == "HEAD" or (method == "GET" and not without_key):
         return 200, _health(config, environ), "health"
     if method == "GET":
         tree = parse_query(query, *limits)
-        raw, content_type = _without_key(query).encode("latin-1"), None
+        raw, content_type = without_key.encode("latin-1"), None
     else:
         raw = _read_body(environ, config)
         content_type = environ.get("CONTENT_TYPE") or None
@@ -2390,18 +2393,13 @@ def _url_decode(text):
     return unquote_to_bytes(raw)
 
 
-def _without_key(query):
-    """The query string with every `key` parameter taken out (it is never stored or logged)."""
-    return "&".join(token for name, token in _query_tokens(query) if name != b"key")
-
-
-def _key_ok(environ, query, secrets):
-    """Whether the request carries one of the secrets, compared in constant time."""
+def _key_ok(environ, tokens, secrets):
+    """Whether the request carries one of the secrets (header, else the query's `key`), in constant time."""
     given = environ.get("HTTP_X_LISTENER_KEY")
     if given is not None:
         given = given.encode("latin-1", "replace")
     else:
-        for name, token in _query_tokens(query):
+        for name, token in tokens:
             if name == b"key":
                 given = _url_decode(token.partition("=")[2])  # the last one wins, as in PHP
     if not given:
