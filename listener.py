@@ -542,12 +542,21 @@ def _whole_decode_ok(charset):
 
 def _free_bytes(body):
     """Two control bytes that the decoded body cannot hold: absent raw and as a %XX escape."""
+    # Searching for '%..' is slow in a body full of '%': one search for '%0' (or '%1') answers
+    # for all of its candidates at once when, as usual, the body has no such escape at all.
+    escaped = {}
     found = []
     for b in (1, 2, 3, 4, 5, 6, 7, 8, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25):
-        if bytes((b,)) not in body and (b"%%%02x" % b) not in body and (b"%%%02X" % b) not in body:
-            found.append(b)
-            if len(found) == 2:
-                return found
+        if bytes((b,)) in body:
+            continue
+        high = b >> 4
+        if high not in escaped:
+            escaped[high] = (b"%%%d" % high) in body
+        if escaped[high] and ((b"%%%02x" % b) in body or (b"%%%02X" % b) in body):
+            continue
+        found.append(b)
+        if len(found) == 2:
+            return found
     return None
 
 
@@ -713,11 +722,18 @@ class _Tree:
         if prefix[-1:] != "]":
             return None
         j = prefix.rfind("[")
+        if j <= 0:
+            return None  # '[...' has an empty variable name: add() drops it
         parent_prefix = prefix[:j]
-        parent = self.arrays.get(parent_prefix) if j > 0 else None
+        parent = self.arrays.get(parent_prefix)
         if parent is None:
-            return None
-        depth = self.depths[parent_prefix] + 1
+            # A variable name reached for the first time ('fields' of 'fields[0][id]') is made
+            # below as add() would make it, unless add() has something to strip from it first.
+            if "[" in parent_prefix or parent_prefix[0] == " " or "\x00" in parent_prefix:
+                return None
+            depth = 1
+        else:
+            depth = self.depths[parent_prefix] + 1
         if depth >= self.max_depth:
             return None
         key = prefix[j + 1:-1]
@@ -726,10 +742,17 @@ class _Tree:
             kind = _kind_of(key)
         if kind is False:
             return None
+        if parent is None:
+            parent = self.arrays[parent_prefix] = self.child(self.top, parent_prefix, None)
+            self.depths[parent_prefix] = 0
         node = parent.get(key)
-        if node.__class__ is not dict:  # as child(), inline: this runs for every new list item
+        if node.__class__ is not dict:  # child() and set(), inline: this runs for every new list item
             node = {}
-            self.set(parent, key, node, None if kind is _STR else kind)
+            if kind is not _STR:
+                nxt = self.next_index.get(id(parent))
+                if nxt is None or kind >= nxt:
+                    self.next_index[id(parent)] = kind + 1 if kind < INT64_MAX else INT64_MAX
+            parent[key] = node  # what was there is no array: no cached prefix leads into it
             self.created.append((node, parent, key))
         self.arrays[prefix] = node
         self.depths[prefix] = depth

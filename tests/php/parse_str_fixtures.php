@@ -53,6 +53,13 @@ $cases = [
     ['array-to-scalar', 'a=1&a[b]=2&a=3'],
     ['append-then-index', 'a[]=1&a[0][b]=2'],
     ['list-item-replaced', 'f[0][id]=1&f[0][name]=x&f[0]=y&f[0][z]=2'],
+    // A variable first reached through a nested name (the parser's fast path makes it).
+    ['nested-first', 'f[0][id]=1&f[1][id]=2&g[x][y]=3&g[x][z]=4'],
+    ['nested-first-over-scalar', 'f=s&f[0][id]=1&f[1][id]=2'],
+    ['nested-first-leading-space', ' f[0][id]=1&  f[1][id]=2'],
+    ['nested-first-nul-in-name', 'f%00x[0][id]=1&g[0%00][id]=2&g[1][id]=3'],
+    ['nested-first-append', 'f[][id]=1&f[0][id]=2&f[][id]=3'],
+    ['nested-first-unclosed', 'f[0[id]=1&f[0][id]=2'],
     ['keeps-position', 'a[x]=1&a[y]=2&a[x]=3'],
     // Decoding.
     ['plus-is-space', 'a=b+c&d+e=f'],
