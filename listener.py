@@ -1436,14 +1436,15 @@ class Event:
                 "goals_reached": "goals-reached", "webhooks_triggered": "webhooks-triggered",
                 "lead_scores": "lead-score"}
 
-    def __init__(self, id, transaction_id, received_at, method, data, content_type=None):
+    def __init__(self, id, transaction_id, received_at, method, data, content_type=None, payload=None):
         self.id, self.transaction_id, self.received_at = id, transaction_id, received_at
         self.method, self.data, self.content_type = method, data, content_type
+        self._payload = payload  # data as the JSON text stored in events.payload, when known
 
     @classmethod
     def from_row(cls, row):
         return cls(row["id"], row["transaction_id"], row["received_at"], row["method"],
-                   json_loads(row["payload"]), row["content_type"])
+                   json_loads(row["payload"]), row["content_type"], row["payload"])
 
     def __getattr__(self, name):
         section = self.SECTIONS.get(name)
@@ -1504,6 +1505,12 @@ class Event:
     def as_dict(self):
         return {"id": self.id, "transaction_id": self.transaction_id, "received_at": self.received_at,
                 "method": self.method, "data": self.data}
+
+    def as_json(self):
+        """as_dict() as compact JSON text, reusing the payload as stored rather than encoding it again."""
+        head = json_dumps({"id": self.id, "transaction_id": self.transaction_id,
+                           "received_at": self.received_at, "method": self.method})
+        return '%s,"data":%s}' % (head[:-1], self._payload if self._payload is not None else json_dumps(self.data))
 
 
 def _items(value):
@@ -2327,7 +2334,8 @@ def _handle(environ, config, request_id, method):
     answer = dict({"ok": True}, **answer)
     note = "event=%d%s" % (answer["event_id"], " duplicate" if answer["duplicate"] else "")
     if inline and not answer["duplicate"]:
-        event = Event(answer["event_id"], row["transaction_id"], row["received_at"], method, tree, content_type)
+        event = Event(answer["event_id"], row["transaction_id"], row["received_at"], method, tree, content_type,
+                      row["payload"])
         del tree
         outcomes = run_claimed(connect(config), config, [(event.id, h.name) for h in inline], claim,
                                lambda line: log(config, environ, "error", request_id, line), {event.id: event},

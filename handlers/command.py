@@ -31,7 +31,7 @@ def check(settings):
 def handle(event, options):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HTTP_")}
     try:
-        proc = subprocess.run(options["argv"], input=json.dumps(event.as_dict()).encode("utf-8"),
+        proc = subprocess.run(options["argv"], input=event.as_json().encode("utf-8"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=options["cwd"], env=env,
                               timeout=options["timeout"])
     except subprocess.TimeoutExpired:

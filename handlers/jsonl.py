@@ -5,7 +5,6 @@ Each line: {"event_id", "transaction_id", "received_at", "data"}. When the file 
 """
 
 import fcntl
-import json
 import os
 
 LOCAL = True  # a local file: runs in the request's thread
@@ -24,15 +23,18 @@ def check(settings):
 
 
 def handle(event, options):
-    line = (json.dumps(event.as_dict(), ensure_ascii=False) + "\n").encode("utf-8")
+    line = (event.as_json() + "\n").encode("utf-8")
     append(options["path"], line, options["max_bytes"], options["keep"], options["fsync"])
     return None
 
 
 def append(path, data, max_bytes=0, keep=5, sync=False):
     """Append data under an exclusive lock, rotating first when the file would pass max_bytes."""
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    lock = os.open(path + ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        lock = os.open(path + ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    except FileNotFoundError:  # the first line: make the folder
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        lock = os.open(path + ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if max_bytes:

@@ -353,6 +353,19 @@ def test_replay_command_for_one_handler(tmp_path):
     assert cli(site, "replay", "99").returncode == 2
 
 
+def test_event_as_json_is_as_dict_whether_the_payload_is_reused_or_encoded(tmp_path):
+    site = handler_site(tmp_path, "jsonl", jsonl={"path": "data/e.jsonl"})
+    site.post(b"transactionid=7&contact[email]=Andr%C3%A9@b.c&fields[0][name]=City&fields[0][value]=S%C3%A3o")
+    assert cli(site, "replay", "1", "--handler", "jsonl").returncode == 0
+    inline, replayed = open(str(tmp_path / "data" / "e.jsonl"), encoding="utf-8").read().splitlines()
+    assert inline == replayed  # the request's event and the one read back from the row
+    tree = {"transactionid": "7", "contact": {"email": "André@b.c"}, "fields": [{"name": "City", "value": "São"}]}
+    assert json.loads(inline) == {"id": 1, "transaction_id": "7", "received_at": json.loads(inline)["received_at"],
+                                  "method": "POST", "data": tree}
+    event = listener.Event(1, "7", json.loads(inline)["received_at"], "POST", tree)  # no stored payload
+    assert event.as_json() == inline and json.loads(event.as_json()) == event.as_dict()
+
+
 def test_spooled_event_gets_pending_deliveries(tmp_path, own_handlers):
     own_handlers("records", RECORDS)
     site = handler_site(tmp_path, "records")
