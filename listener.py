@@ -608,7 +608,9 @@ def _kind_of(key):
     """_key_kind(key), remembered across parses (Vbout's keys repeat from call to call)."""
     kind = _KINDS.get(key)
     if kind is None:
-        kind = _KINDS[key] = _key_kind(key)
+        kind = _key_kind(key)
+        if len(_KINDS) < 1000:  # a large body's many keys are not worth keeping (they would pin memory)
+            _KINDS[key] = kind
     return kind
 
 
@@ -628,7 +630,6 @@ class _Tree:
         self.max_depth = max_depth
         self.next_index = {}  # id(array) -> nNextFreeElement, for arrays that got an integer key
         self.arrays = {}  # prefix -> array
-        self.depths = {}  # prefix -> its number of groups
         self.detached = []  # replaced arrays, kept alive so that their ids stay unique
         self.created = []  # (array, parent, key) for every array made, in order
 
@@ -642,7 +643,6 @@ class _Tree:
         if old.__class__ is dict and value is not old:
             self.detached.append(old)
             self.arrays.clear()
-            self.depths.clear()
         array[key] = value
 
     def append(self, array, value):
@@ -706,7 +706,6 @@ class _Tree:
                 node = self.child(array, key, number)
                 if plain and depth < self.max_depth:
                     self.arrays[name[:pos]] = node
-                    self.depths[name[:pos]] = depth - 1
             array, key = node, index
             number = None if index is None else _php_int_key(index)
             pos = close + 1
@@ -724,6 +723,10 @@ class _Tree:
         j = prefix.rfind("[")
         if j <= 0:
             return None  # '[...' has an empty variable name: add() drops it
+        # Its groups, or more when a key holds '[' (a[x[y]): the name's last group must fit under
+        # max_depth, and when in doubt add() decides exactly.
+        if prefix.count("[") >= self.max_depth:
+            return None
         parent_prefix = prefix[:j]
         parent = self.arrays.get(parent_prefix)
         if parent is None:
@@ -731,11 +734,6 @@ class _Tree:
             # below as add() would make it, unless add() has something to strip from it first.
             if "[" in parent_prefix or parent_prefix[0] == " " or "\x00" in parent_prefix:
                 return None
-            depth = 1
-        else:
-            depth = self.depths[parent_prefix] + 1
-        if depth >= self.max_depth:
-            return None
         key = prefix[j + 1:-1]
         kind = kinds.get(key)
         if kind is None:
@@ -744,7 +742,6 @@ class _Tree:
             return None
         if parent is None:
             parent = self.arrays[parent_prefix] = self.child(self.top, parent_prefix, None)
-            self.depths[parent_prefix] = 0
         node = parent.get(key)
         if node.__class__ is not dict:  # child() and set(), inline: this runs for every new list item
             node = {}
@@ -755,7 +752,6 @@ class _Tree:
             parent[key] = node  # what was there is no array: no cached prefix leads into it
             self.created.append((node, parent, key))
         self.arrays[prefix] = node
-        self.depths[prefix] = depth
         return node
 
 
@@ -784,8 +780,8 @@ def _build_tree(triples, max_depth):
                     continue
         add(name, value)
     _to_json_shape(tree)
-    if len(_KINDS) > 1000:
-        _KINDS.clear()  # a large body's keys are not worth keeping (they would pin memory), Vbout's few are
+    if len(_KINDS) >= 1000:
+        _KINDS.clear()  # filled by a large body: start again with the next body's (Vbout's) keys
     return tree.top
 
 
