@@ -476,51 +476,37 @@ def parse_form(body, max_params=1000, max_depth=64, charset="utf-8"):
 
 def _form_pairs(body, charset, max_params):
     """Split and percent-decode a form body into (name, separator, value) triples."""
-    # '+' is a space and only '&' separates (php_default_treat_data, arg_separator.input).
-    body = body.replace(b"+", b" ")
+    # Only '&' separates (php_default_treat_data, arg_separator.input); PHP's strtok skips empty tokens.
     if body.count(b"&") >= max_params:
-        tokens = body.split(b"&")  # PHP's strtok skips empty tokens: they are not parameters
+        tokens = body.split(b"&")
         if len(tokens) - tokens.count(b"") > max_params:
             raise LimitExceeded("the body has more than %d parameters (max_params)" % max_params)
     if not body:
         return []
     seps = _free_bytes(body) if _whole_decode_ok(charset) else None
     if seps is not None:
-        # A name must not gain an '=' from %3D before it is split from its value at the raw one.
-        protect = (b"%3D" in body or b"%3d" in body) and _encoded_equals_in_a_name(body)
-        decoded = _decode_whole(body, seps, protect)
+        decoded = _decode_whole(body, seps)
         if decoded is not None:
             text = decoded.decode(charset, "replace")
             del decoded  # each copy of a large body is let go as soon as the next one exists
             tokens = text.split(chr(seps[0]))
             del text
-            if not protect:
-                # Lazily, in C: the tree keeps the values while names and tokens go (peak memory).
-                return map(str.partition, tokens, repeat("="))
-            guard = chr(seps[1])
-            return [(n.replace(guard, "="), e, v.replace(guard, "="))
-                    for n, e, v in map(str.partition, tokens, repeat("="))]
+            equals = chr(seps[1])
+            if max(map(str.count, tokens, repeat(equals))) > 1:
+                # A value holds a raw '=' (b=c=d): only each pair's first one separates.
+                return [(n, "=", v.replace(equals, "=")) if e else (n, "", v)
+                        for n, e, v in map(str.partition, tokens, repeat(equals))]
+            # Lazily, in C: the tree keeps the values while names and tokens go (peak memory).
+            return map(str.partition, tokens, repeat(equals))
     # The exact path, for invalid '%' escapes or a charset that is not one byte per ASCII char.
     from urllib.parse import unquote_to_bytes  # the same rules as php_url_decode once '+' is done
     triples = []
-    for token in body.split(b"&"):
+    for token in body.replace(b"+", b" ").split(b"&"):
         if token:
             name, sep, value = token.partition(b"=")
             triples.append((unquote_to_bytes(name).decode(charset, "replace"), "=" if sep else "",
                             unquote_to_bytes(value).decode(charset, "replace")))
     return triples
-
-
-def _encoded_equals_in_a_name(body):
-    """Whether some name (before its pair's first raw '=') holds %3D. No regex: `re` costs a CGI 5 ms."""
-    for escape in (b"%3D", b"%3d"):
-        at = body.find(escape)
-        while at >= 0:
-            if body.find(b"=", body.rfind(b"&", 0, at) + 1, at) < 0:
-                return True
-            following = body.find(b"&", at)  # the rest of this pair is value: skip to the next one
-            at = body.find(escape, following) if following >= 0 else -1
-    return False
 
 
 _whole_decode_cache = {}
@@ -560,23 +546,19 @@ def _free_bytes(body):
     return None
 
 
-def _decode_whole(body, seps, protect=False):
-    """Percent-decode the whole body in one C call, with '&' turned into seps[0] beforehand.
+def _decode_whole(body, seps):
+    """Percent-decode the whole body in one C call: None when it holds an invalid escape.
 
-    binascii.a2b_qp decodes '=XX': raw '=' becomes '=3D', '%' becomes '=', and raw CR and LF
-    become escapes so that no soft line break can occur. An invalid escape would come out as
-    '=' instead of PHP's literal '%': the length check sees it and the caller takes the exact
-    path. With protect, %3D becomes seps[1], to be turned back into '=' after the split.
+    One translate pass makes it quoted-printable: '+' a space, '&' seps[0], a raw '=' seps[1]
+    (so that a decoded %3D can never split a name from its value) and '%' the escape '=';
+    raw CR and LF become escapes so that no soft line break can occur. binascii.a2b_qp then
+    decodes every '=XX'. An invalid escape would come out as '=' instead of PHP's literal '%':
+    the length check sees it and the caller takes the exact path.
     """
     from binascii import a2b_qp
-    data = body
-    if protect:
-        guard = bytes((seps[1],))
-        data = data.replace(b"%3D", guard).replace(b"%3d", guard)
-    data = data.replace(b"&", bytes((seps[0],))).replace(b"=", b"=3D")
+    data = body.translate(bytes.maketrans(b"+&=%", b" " + bytes(seps) + b"="))
     if b"\r" in data or b"\n" in data:
         data = data.replace(b"\r", b"=0D").replace(b"\n", b"=0A")
-    data = data.replace(b"%", b"=")
     out = a2b_qp(data)
     if len(out) != len(data) - 2 * data.count(b"="):
         return None

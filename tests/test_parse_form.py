@@ -84,9 +84,9 @@ def test_parse_form_over_max_depth_names_the_limit():
 
 def test_parse_form_exact_path_agrees_with_fast_path():
     fast = b"a%5Bb%5D=%C3%A9+x&c[]=1&c[]=2&d=e%3Df"
-    assert listener._decode_whole(fast.replace(b"+", b" "), listener._free_bytes(fast)) is not None
+    assert listener._decode_whole(fast, listener._free_bytes(fast)) is not None
     slow = fast + b"&z=%zz"  # an invalid escape sends the whole body down the exact path
-    assert listener._decode_whole(slow.replace(b"+", b" "), listener._free_bytes(slow)) is None
+    assert listener._decode_whole(slow, listener._free_bytes(slow)) is None
     expected = dict(listener.parse_form(fast), z="%zz")
     assert listener.parse_form(slow) == expected
 
