@@ -471,7 +471,18 @@ def parse_form(body, max_params=1000, max_depth=64, charset="utf-8"):
     """
     if isinstance(body, str):
         body = body.encode("utf-8")
-    return _build_tree(_form_pairs(body, charset, max_params), max_depth)
+    if len(body) < 65536:
+        return _build_tree(_form_pairs(body, charset, max_params), max_depth)
+    # A large body makes tens of thousands of arrays, none in a reference cycle: the cyclic
+    # garbage collector would scan them again and again while they are built, for nothing.
+    import gc
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _build_tree(_form_pairs(body, charset, max_params), max_depth)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def _form_pairs(body, charset, max_params):

@@ -144,6 +144,22 @@ def test_parse_form_matches_php_on_random_bodies():
     assert compared > 600
 
 
+def test_parse_form_leaves_the_garbage_collector_as_it_found_it():
+    import gc
+    large = b"&".join(b"f[%d][name]=x" % i for i in range(8000))
+    assert len(large) >= 65536  # big enough for the collector to be paused while it is parsed
+    try:
+        for enabled in (True, False):
+            (gc.enable if enabled else gc.disable)()
+            assert len(listener.parse_form(large, max_params=10000)["f"]) == 8000
+            assert gc.isenabled() is enabled
+            with pytest.raises(listener.LimitExceeded):
+                listener.parse_form(large, max_params=10000, max_depth=1)
+            assert gc.isenabled() is enabled
+    finally:
+        gc.enable()
+
+
 def test_parse_form_key_memo_does_not_keep_a_large_bodys_keys():
     listener.parse_form(b"&".join(b"f[%d][name]=x" % i for i in range(3000)), max_params=5000)
     assert len(listener._KINDS) <= 1000  # kept, it would pin the memory of a big request
