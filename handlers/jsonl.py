@@ -1,7 +1,8 @@
 """Appends one JSON line per event to a file (private permissions, rotated by size).
 
-Each line: {"event_id", "transaction_id", "received_at", "data"}. When the file would grow past
-`max_bytes`, it becomes FILE.1 (FILE.1 becomes FILE.2, and so on, `keep` of them).
+Each line is the event as compact JSON, {"id", "transaction_id", "received_at", "method", "data"}
+(`Event.as_json()`). When the file would grow past `max_bytes`, it becomes FILE.1 (FILE.1 becomes
+FILE.2, and so on, `keep` of them).
 """
 
 import fcntl
