@@ -751,31 +751,42 @@ class _Tree:
 def _build_tree(triples, max_depth):
     """The PHP array made of decoded (name, separator, value) triples, as parse_form returns it."""
     tree = _Tree(max_depth)
-    arrays, kinds, set_, add = tree.arrays, _KINDS, tree.set, tree.add
+    arrays, names, kinds, set_, add = tree.arrays, _NAMES, _KINDS, tree.set, tree.add
     for name, _, value in triples:
         # The fast path: name is '<cached prefix>[<plain key>]'.
-        j = name.rfind("[")
-        if j > 0 and name[-1] == "]":
-            last = name[j + 1:-1]
-            kind = kinds.get(last)
-            if kind is None:
-                kind = _kind_of(last)
-            if kind is not False:
-                prefix = name[:j]
-                array = arrays.get(prefix)
-                if array is None:
-                    array = tree.container(prefix, kinds)
-                if array is not None:
-                    if kind is _STR and last not in array:
-                        array[last] = value
-                    else:
-                        set_(array, last, value, None if kind is _STR else kind)
-                    continue
+        split = names.get(name)
+        if split is None:
+            split = False
+            j = name.rfind("[")
+            if j > 0 and name[-1] == "]":
+                last = name[j + 1:-1]
+                kind = kinds.get(last)
+                if kind is None:
+                    kind = _kind_of(last)
+                if kind is not False:
+                    split = name[:j], last, kind
+            if len(names) < 1000:
+                names[name] = split
+        if split is not False:
+            prefix, last, kind = split
+            array = arrays.get(prefix)
+            if array is None:
+                array = tree.container(prefix, kinds)
+            if array is not None:
+                if kind is _STR and last not in array:
+                    array[last] = value
+                else:
+                    set_(array, last, value, None if kind is _STR else kind)
+                continue
         add(name, value)
     _to_json_shape(tree)
-    if len(_KINDS) >= 1000:
-        _KINDS.clear()  # filled by a large body: start again with the next body's (Vbout's) keys
+    if len(names) >= 1000 or len(kinds) >= 1000:
+        names.clear()  # filled by a large body: start again with the next body's (Vbout's) names
+        kinds.clear()
     return tree.top
+
+
+_NAMES = {}  # name -> (prefix, last key, its kind) or False: Vbout's names repeat from call to call
 
 
 def _to_json_shape(tree):
