@@ -503,7 +503,7 @@ def _form_pairs(body, charset, max_params):
             tokens = text.split(chr(seps[0]))
             del text
             equals = chr(seps[1])
-            if max(map(str.count, tokens, repeat(equals))) > 1:
+            if b"==" in body.translate(None, _NOT_SEPARATORS):
                 # A value holds a raw '=' (b=c=d): only each pair's first one separates.
                 return [(n, "=", v.replace(equals, "=")) if e else (n, "", v)
                         for n, e, v in map(str.partition, tokens, repeat(equals))]
@@ -520,6 +520,9 @@ def _form_pairs(body, charset, max_params):
     return triples
 
 
+# Every byte but '&' and '=': what is left of a body is its pairs' separators, '=' twice in a row
+# where a pair holds more than one.
+_NOT_SEPARATORS = bytes(range(38)) + bytes(range(39, 61)) + bytes(range(62, 256))
 _whole_decode_cache = {}
 
 
