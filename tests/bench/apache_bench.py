@@ -7,11 +7,13 @@ One private Apache 2.4 (prefork, since mod_php needs it) on 127.0.0.1 serves thr
 each storing a typical ~3.3 KB Vbout form POST durably in SQLite (WAL, synchronous=FULL):
 - the listener, under mod_wsgi daemon mode;
 - tests/bench/peers/listener.php under mod_php ($_POST, PDO SQLite, one INSERT);
-- tests/bench/peers/flask_listener.py, Flask under mod_wsgi daemon mode.
+- tests/bench/peers/flask_listener.py, Flask under mod_wsgi daemon mode;
+- a do-nothing WSGI app under mod_wsgi daemon mode: the floor of that mode (not a target).
 Rounds interleave the contenders. Each round sends the same number of requests at the same
 concurrency over keep-alive connections, and reads the CPU time (user + sys) of every process of
 that Apache before and after. The disk's fsync rate caps every contender, so CPU per request is
-the figure to compare; requests per second is printed too. Targets (issue 4): CPU per request at
+the figure to compare; requests per second is printed too, and how each contender's CPU splits
+between Apache's own processes and its mod_wsgi daemon. Targets (issue 4): CPU per request at
 most 1.3x mod_php's and 0.6x Flask's; requests per second at least 0.9x mod_php's.
 
 Debian's apache2, libapache2-mod-wsgi-py3, libapache2-mod-php, php-sqlite3 and python3-flask are
@@ -65,6 +67,11 @@ SetEnv VBOUT_PHP_DB {root}/phpdata/events.sqlite3
 SetEnv VBOUT_FLASK_DB {root}/flaskdata/events.sqlite3
 WSGIDaemonProcess vbout processes=2 threads=8 display-name=vbout-listener
 WSGIScriptAlias /wsgi/listener.py "{root}/app/listener.py" process-group=vbout application-group=%{{GLOBAL}}
+WSGIDaemonProcess nothing processes=2 threads=8 display-name=vbout-nothing
+WSGIScriptAlias /nothing "{root}/nothing/nothing.py" process-group=nothing application-group=%{{GLOBAL}}
+<Directory "{root}/nothing">
+    Require all granted
+</Directory>
 WSGIDaemonProcess flask processes=2 threads=8 display-name=vbout-flask
 WSGIScriptAlias /flask "{root}/flask/flask_listener.py" process-group=flask application-group=%{{GLOBAL}}
 <Directory "{root}/app">
@@ -77,6 +84,13 @@ WSGIScriptAlias /flask "{root}/flask/flask_listener.py" process-group=flask appl
     Options +ExecCGI
     AddHandler cgi-script .py
 </Directory>
+"""
+
+NOTHING_WSGI = """
+def application(environ, start_response):
+    environ["wsgi.input"].read()
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", "12")])
+    return [b'{"ok": true}']
 """
 
 NOTHING_CGI = """#!/usr/bin/env python3
@@ -118,6 +132,9 @@ class Bench:
             (shutil.copytree if os.path.isdir(source) else shutil.copy2)(source, os.path.join(app, name))
         with open(os.path.join(app, "config.ini"), "w") as f:
             f.write("[listener]\nsecret = %s\ndurability = full\n" % SECRET)
+        os.makedirs(os.path.join(root, "nothing"))
+        with open(os.path.join(root, "nothing", "nothing.py"), "w") as f:
+            f.write(NOTHING_WSGI)
         cgi = os.path.join(root, "htdocs", "cgi")
         for name in ("listener.py", "handlers"):
             source = os.path.join(apache.ROOT, name)
@@ -141,25 +158,28 @@ class Bench:
             self.pid = int(f.read())
 
     def cpu_seconds(self):
-        """user + sys of the Apache and every process below it (children, mod_wsgi daemons)."""
-        parents, times = {}, {}
+        """user + sys of the Apache and every process below it: {"apache": s, daemon display-name: s}."""
+        parents, times, groups = {}, {}, {}
         for name in os.listdir("/proc"):
             if name.isdigit():
                 try:
                     with open("/proc/%s/stat" % name) as f:
                         fields = f.read().rsplit(")", 1)[1].split()
+                    with open("/proc/%s/cmdline" % name, "rb") as f:
+                        command = f.read().split(b"\0")[0].decode("latin-1").strip()
                 except OSError:
                     continue
                 parents[int(name)] = int(fields[1])
                 times[int(name)] = int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
-        total = 0
+                groups[int(name)] = command if command.startswith("vbout-") else "apache"  # mod_wsgi's display-name
+        total = {}
         for pid, ticks in times.items():
             p = pid
             while p > 1 and p != self.pid:
                 p = parents.get(p, 1)
             if p == self.pid:
-                total += ticks
-        return total / os.sysconf("SC_CLK_TCK")
+                total[groups[pid]] = total.get(groups[pid], 0) + ticks / os.sysconf("SC_CLK_TCK")
+        return total
 
     def load(self, path, bodies, concurrency):
         """Send the bodies over keep-alive connections: (seconds, statuses)."""
@@ -197,8 +217,9 @@ def main():
     bench = Bench()
     contenders = [("listener (mod_wsgi)", "/wsgi/listener.py?key=" + SECRET),
                   ("mod_php + PDO", "/php/listener.php?key=" + SECRET),
-                  ("Flask (mod_wsgi)", "/flask/?key=" + SECRET)]
-    results = {name: {"cpu": [], "rps": []} for name, _ in contenders}
+                  ("Flask (mod_wsgi)", "/flask/?key=" + SECRET),
+                  ("do-nothing (mod_wsgi)", "/nothing/?key=" + SECRET)]
+    results = {name: {"cpu": [], "rps": [], "split": []} for name, _ in contenders}
     answered = dict.fromkeys(results, 0)  # 200s actually received, warm-up included
     serial = 0
     try:
@@ -212,10 +233,12 @@ def main():
                 serial += per_round
                 before = bench.cpu_seconds()
                 seconds, statuses = bench.load(path, bodies, concurrency)
-                used = bench.cpu_seconds() - before
+                after = bench.cpu_seconds()
+                used = {group: (after[group] - before.get(group, 0)) / per_round * 1000 for group in after}
                 assert statuses.count(200) == per_round, (name, sorted(set(statuses)))
                 answered[name] += per_round
-                results[name]["cpu"].append(used / per_round * 1000)
+                results[name]["cpu"].append(sum(used.values()))
+                results[name]["split"].append(used)
                 results[name]["rps"].append(per_round / seconds)
         print("Apache %s, prefork; %d rounds x %d requests per contender at concurrency %d; body %d bytes"
               % (subprocess.check_output([apache.HTTPD, "-v"], text=True).split()[2], rounds, per_round,
@@ -224,15 +247,20 @@ def main():
         for name, _ in contenders:
             cpu, rps = statistics.median(results[name]["cpu"]), statistics.median(results[name]["rps"])
             medians[name] = (cpu, rps)
-            print("   %-20s %5.2f ms CPU per request   %6.0f requests/s   (median of rounds)" % (name, cpu, rps))
+            split = results[name]["split"]
+            parts = ", ".join("%s %.2f" % (group, statistics.median(s.get(group, 0) for s in split))
+                              for group in sorted({g for s in split for g in s})
+                              if statistics.median(s.get(group, 0) for s in split) >= 0.005)
+            print("   %-22s %5.2f ms CPU per request   %6.0f requests/s   (median of rounds; %s)"
+                  % (name, cpu, rps, parts))
         # No request answered 200 may be missing from the database afterwards.
         import sqlite3
         for name, path in (("listener (mod_wsgi)", "app/data/events.sqlite3"), ("mod_php + PDO", "phpdata/events.sqlite3"),
                            ("Flask (mod_wsgi)", "flaskdata/events.sqlite3")):
             stored = sqlite3.connect(os.path.join(bench.root, path)).execute("SELECT count(*) FROM events").fetchone()[0]
-            print("   %-20s %d answered 200, %d stored%s" % (name, answered[name], stored, "" if stored == answered[name]
+            print("   %-22s %d answered 200, %d stored%s" % (name, answered[name], stored, "" if stored == answered[name]
                                                              else "  <-- MISSING %d" % (answered[name] - stored)))
-        ours, php, flask = (medians[name] for name, _ in contenders)
+        ours, php, flask = (medians[name] for name, _ in contenders[:3])
         print("   CPU per request: %.2fx mod_php's (target <= 1.3), %.2fx Flask's (target <= 0.6)"
               % (ours[0] / php[0], ours[0] / flask[0]))
         print("   requests per second: %.2fx mod_php's (target >= 0.9)" % (ours[1] / php[1]))
