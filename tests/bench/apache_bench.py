@@ -3,8 +3,9 @@
 
     python3 tests/bench/apache_bench.py [--quick]     (as root: it starts a private Apache)
 
-One private Apache 2.4 (prefork, since mod_php needs it) on 127.0.0.1 serves four contenders,
-each storing a typical ~3.3 KB Vbout form POST durably in SQLite (WAL, synchronous=FULL):
+One private Apache 2.4 (prefork, since mod_php needs it) on 127.0.0.1 serves four contenders
+the same typical ~3.3 KB Vbout form POSTs; the first three store them durably in SQLite (WAL,
+synchronous=FULL):
 - the listener, under mod_wsgi daemon mode;
 - tests/bench/peers/listener.php under mod_php ($_POST, PDO SQLite, one INSERT);
 - tests/bench/peers/flask_listener.py, Flask under mod_wsgi daemon mode;
