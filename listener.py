@@ -1511,9 +1511,15 @@ class Event:
 
     def as_json(self):
         """as_dict() as compact JSON text, reusing the payload as stored rather than encoding it again."""
-        head = json_dumps({"id": self.id, "transaction_id": self.transaction_id,
-                           "received_at": self.received_at, "method": self.method})
-        return '%s,"data":%s}' % (head[:-1], self._payload if self._payload is not None else json_dumps(self.data))
+        return _event_json(self.id, self.transaction_id, self.received_at, self.method,
+                          self._payload if self._payload is not None else json_dumps(self.data))
+
+
+def _event_json(event_id, transaction_id, received_at, method, payload):
+    """An event as one compact JSON object, its payload (JSON text, as stored) put in unparsed."""
+    head = json_dumps({"id": event_id, "transaction_id": transaction_id, "received_at": received_at,
+                       "method": method})
+    return '%s,"data":%s}' % (head[:-1], payload)
 
 
 def _items(value):
@@ -1831,8 +1837,7 @@ def export_events(conn, fmt, since=None, until=None, email=None):
     params = {"since": since, "until": until, "email": email}
     if fmt == "jsonl":
         for event_id, received_at, method, transaction_id, payload in conn.execute(sql, params):
-            yield '{"id":%d,"received_at":%s,"method":"%s","transaction_id":%s,"data":%s}\n' % (
-                event_id, json_dumps(received_at), method, json_dumps(transaction_id), payload)
+            yield _event_json(event_id, transaction_id, received_at, method, payload) + "\n"
         return
     import csv
     import io

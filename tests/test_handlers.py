@@ -364,6 +364,8 @@ def test_event_as_json_is_as_dict_whether_the_payload_is_reused_or_encoded(tmp_p
                                   "method": "POST", "data": tree}
     event = listener.Event(1, "7", json.loads(inline)["received_at"], "POST", tree)  # no stored payload
     assert event.as_json() == inline and json.loads(event.as_json()) == event.as_dict()
+    stored = listener.Event(1, "7", "t", "POST", tree, payload='{"kept": "as stored"}')
+    assert json.loads(stored.as_json())["data"] == {"kept": "as stored"}  # the stored text, not encoded again
 
 
 def test_spooled_event_gets_pending_deliveries(tmp_path, own_handlers):
