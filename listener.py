@@ -605,11 +605,12 @@ def _kind_of(key):
     kind = _KINDS.get(key)
     if kind is None:
         kind = _key_kind(key)
-        if len(_KINDS) < 1000:  # a large body's many keys are not worth keeping (they would pin memory)
+        if len(_KINDS) < _MEMO_SIZE:  # a large body's many keys are not worth keeping (memory)
             _KINDS[key] = kind
     return kind
 
 
+_MEMO_SIZE = 1000  # entries in each parsing memo (_KINDS, _NAMES): Vbout's keys and names are far fewer
 _KINDS = {}
 
 
@@ -712,7 +713,7 @@ class _Tree:
         else:
             self.set(array, key, value, number)
 
-    def container(self, prefix, kinds):
+    def container(self, prefix):
         """The array a prefix leads to, found from its parent's cached array; None if not plain."""
         if prefix[-1:] != "]":
             return None
@@ -731,9 +732,7 @@ class _Tree:
             if "[" in parent_prefix or parent_prefix[0] == " " or "\x00" in parent_prefix:
                 return None
         key = prefix[j + 1:-1]
-        kind = kinds.get(key)
-        if kind is None:
-            kind = _kind_of(key)
+        kind = _kind_of(key)
         if kind is False:
             return None
         if parent is None:
@@ -754,7 +753,7 @@ class _Tree:
 def _build_tree(triples, max_depth):
     """The PHP array made of decoded (name, separator, value) triples, as parse_form returns it."""
     tree = _Tree(max_depth)
-    arrays, names, kinds, set_, add = tree.arrays, _NAMES, _KINDS, tree.set, tree.add
+    arrays, names, set_, add = tree.arrays, _NAMES, tree.set, tree.add
     for name, _, value in triples:
         # The fast path: name is '<cached prefix>[<plain key>]'.
         split = names.get(name)
@@ -763,18 +762,16 @@ def _build_tree(triples, max_depth):
             j = name.rfind("[")
             if j > 0 and name[-1] == "]":
                 last = name[j + 1:-1]
-                kind = kinds.get(last)
-                if kind is None:
-                    kind = _kind_of(last)
+                kind = _kind_of(last)
                 if kind is not False:
                     split = name[:j], last, kind
-            if len(names) < 1000:
+            if len(names) < _MEMO_SIZE:
                 names[name] = split
         if split is not False:
             prefix, last, kind = split
             array = arrays.get(prefix)
             if array is None:
-                array = tree.container(prefix, kinds)
+                array = tree.container(prefix)
             if array is not None:
                 if kind is _STR and last not in array:
                     array[last] = value
@@ -783,9 +780,9 @@ def _build_tree(triples, max_depth):
                 continue
         add(name, value)
     _to_json_shape(tree)
-    if len(names) >= 1000 or len(kinds) >= 1000:
+    if len(names) >= _MEMO_SIZE or len(_KINDS) >= _MEMO_SIZE:
         names.clear()  # filled by a large body: start again with the next body's (Vbout's) names
-        kinds.clear()
+        _KINDS.clear()
     return tree.top
 
 

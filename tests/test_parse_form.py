@@ -163,7 +163,7 @@ def test_parse_form_leaves_the_garbage_collector_as_it_found_it():
 def test_parse_form_memos_do_not_keep_a_large_bodys_keys():
     listener.parse_form(b"&".join(b"f[%d][name]=x" % i for i in range(3000)), max_params=5000)
     # kept, they would pin the memory of a big request
-    assert len(listener._KINDS) <= 1000 and len(listener._NAMES) <= 1000
+    assert len(listener._KINDS) <= listener._MEMO_SIZE and len(listener._NAMES) <= listener._MEMO_SIZE
     listener.parse_form(b"fields[0][name]=a&fields[1][name]=b")
     assert {"1", "name"} <= set(listener._KINDS)  # a typical call's keys and names are remembered
     assert listener._NAMES["fields[1][name]"] == ("fields[1]", "name", listener._STR)
