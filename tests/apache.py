@@ -53,11 +53,16 @@ LoadModule mime_module {modules}/mod_mime.so
 TypesConfig /etc/mime.types
 User www-data
 Group www-data
+<Directory />
+    AllowOverride None
+    Require all denied
+</Directory>
 """
 
 
 def server_header(root, port, mpm, *loads):
-    """What every private Apache here starts with, plus LoadModule lines for (name, file) pairs."""
+    """What every private Apache here starts with (nothing served outside what a config grants),
+    plus LoadModule lines for (name, file) pairs."""
     return SERVER_HEADER.format(root=root, port=port, mpm=mpm, modules=MODULES) + "".join(
         "LoadModule %s_module %s/%s\n" % (name, MODULES, file) for name, file in loads)
 
@@ -74,10 +79,6 @@ Timeout 60
 MaxRequestWorkers 64
 ThreadsPerChild 32
 DocumentRoot "{root}/htdocs"
-<Directory />
-    AllowOverride None
-    Require all denied
-</Directory>
 <Directory "{root}/htdocs">
     AllowOverride All
     Require all granted
@@ -210,9 +211,6 @@ PassengerDefaultUser www-data
 PassengerDisableSecurityUpdateCheck on
 PassengerDisableAnonymousTelemetry on
 DocumentRoot "{app}/public"
-<Directory />
-    AllowOverride None
-</Directory>
 <Directory "{app}/public">
     Require all granted
 </Directory>

@@ -52,10 +52,6 @@ MaxConnectionsPerChild 0
 KeepAlive On
 MaxKeepAliveRequests 0
 DocumentRoot "{root}/htdocs"
-<Directory />
-    AllowOverride None
-    Require all denied
-</Directory>
 <Directory "{root}/htdocs">
     AllowOverride None
     Require all granted
