@@ -7,6 +7,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 
 import listener
 from conftest import ROOT, SECRET, vbout_body
@@ -107,7 +108,7 @@ def run_posters(site, workers, count, repeat):
 def test_several_processes_posting_at_once_lose_nothing(site):
     answers = run_posters(site, workers=6, count=40, repeat=False)
     assert all(status.startswith("200") for status, _ in answers)
-    assert not any(a.get("spooled") for _, a in answers)
+    assert not any(a.get("spooled") for _, a in answers), site.log_text()
     rows = site.rows()
     assert len(rows) == 240 and len({r["transaction_id"] for r in rows}) == 240
 
@@ -118,6 +119,45 @@ def test_several_processes_sending_the_same_ids_store_each_once(site):
     rows = site.rows()
     assert sorted(r["transaction_id"] for r in rows) == sorted("shared-%d" % i for i in range(30))
     assert sum(1 for _, a in answers if not a["duplicate"]) == 30
+
+
+def hold_lock(path, seconds, begin="BEGIN IMMEDIATE"):
+    """Another connection holds a write lock on path for seconds, in a thread; returns the thread once it holds it."""
+    import threading
+    holding = threading.Event()
+
+    def hold():
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute(begin)
+        holding.set()
+        time.sleep(seconds)
+        conn.execute("COMMIT")
+        conn.close()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    holding.wait(10)
+    return thread
+
+
+def test_a_writer_waits_out_a_lock_shorter_than_the_busy_timeout(site):
+    site.post(b"transactionid=before")
+    holder = hold_lock(site.config.database, 20 * listener.LOCK_LOOK)  # many of SQLite's own short waits
+    answer = site.post(b"transactionid=during").json
+    holder.join()
+    assert answer == {"ok": True, "event_id": 2, "duplicate": False}
+
+
+def test_a_database_being_made_by_another_process_is_waited_for(site):
+    # What a second process meets while the first makes the file: a journal that is not WAL yet and
+    # a lock on it. Preparing the file is retried like a write, not given up after one look.
+    database = site.config.database
+    os.makedirs(os.path.dirname(database), mode=0o700)
+    os.close(os.open(database, os.O_WRONLY | os.O_CREAT, 0o600))
+    holder = hold_lock(database, 20 * listener.LOCK_LOOK, begin="BEGIN EXCLUSIVE")
+    answer = site.post(b"transactionid=first").json
+    holder.join()
+    assert answer == {"ok": True, "event_id": 1, "duplicate": False}
 
 
 def test_locked_database_spools_and_imports_once(site):
