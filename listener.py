@@ -487,23 +487,33 @@ def parse_form(body, max_params=1000, max_depth=64, charset="utf-8"):
 
 def _form_pairs(body, charset, max_params):
     """Split and percent-decode a form body into (name, separator, value) triples."""
+    if not body:
+        return []
+    # The body's raw '&' and '=' in order: '=&=&...=' when every pair is 'name=value'.
+    separators = body.translate(None, _NOT_SEPARATORS)
     # Only '&' separates (php_default_treat_data, arg_separator.input); PHP's strtok skips empty tokens.
-    if body.count(b"&") >= max_params:
+    if separators.count(b"&") >= max_params:
         tokens = body.split(b"&")
         if len(tokens) - tokens.count(b"") > max_params:
             raise LimitExceeded("the body has more than %d parameters (max_params)" % max_params)
-    if not body:
-        return []
     seps = _free_bytes(body) if _whole_decode_ok(charset) else None
     if seps is not None:
+        pairs = len(separators) // 2 + 1
+        if separators == b"=" + b"&=" * (pairs - 1):
+            # Each pair has one raw '=': one split on both separators gives name, value, name, ...
+            seps = seps[0], seps[0]
         decoded = _decode_whole(body, seps)
         if decoded is not None:
             text = decoded.decode(charset, "replace")
             del decoded  # each copy of a large body is let go as soon as the next one exists
+            if seps[0] == seps[1]:
+                items = text.split(chr(seps[0]))
+                del text
+                return zip(items[0::2], repeat("="), items[1::2])
             tokens = text.split(chr(seps[0]))
             del text
             equals = chr(seps[1])
-            if b"==" in body.translate(None, _NOT_SEPARATORS):
+            if b"==" in separators:
                 # A value holds a raw '=' (b=c=d): only each pair's first one separates.
                 return [(n, "=", v.replace(equals, "=")) if e else (n, "", v)
                         for n, e, v in map(str.partition, tokens, repeat(equals))]
@@ -715,27 +725,20 @@ class _Tree:
 
     def container(self, prefix):
         """The array a prefix leads to, found from its parent's cached array; None if not plain."""
-        if prefix[-1:] != "]":
-            return None
-        j = prefix.rfind("[")
-        if j <= 0:
-            return None  # '[...' has an empty variable name: add() drops it
+        split = _NAMES.get(prefix)  # a prefix splits like a name: 'fields[0]' is 'fields', '0'
+        if split is None:
+            split = _split_name(prefix)
         # Its groups, or more when a key holds '[' (a[x[y]): the name's last group must fit under
         # max_depth, and when in doubt add() decides exactly.
-        if prefix.count("[") >= self.max_depth:
+        if split is False or prefix.count("[") >= self.max_depth:
             return None
-        parent_prefix = prefix[:j]
+        parent_prefix, key, kind = split
         parent = self.arrays.get(parent_prefix)
         if parent is None:
             # A variable name reached for the first time ('fields' of 'fields[0][id]') is made
-            # below as add() would make it, unless add() has something to strip from it first.
+            # here as add() would make it, unless add() has something to strip from it first.
             if "[" in parent_prefix or parent_prefix[0] == " " or "\x00" in parent_prefix:
                 return None
-        key = prefix[j + 1:-1]
-        kind = _kind_of(key)
-        if kind is False:
-            return None
-        if parent is None:
             parent = self.arrays[parent_prefix] = self.child(self.top, parent_prefix, None)
         node = parent.get(key)
         if node.__class__ is not dict:  # child() and set(), inline: this runs for every new list item
@@ -750,6 +753,20 @@ class _Tree:
         return node
 
 
+def _split_name(name):
+    """(prefix, last key, its kind) of '<prefix>[<plain key>]', else False; remembered in _NAMES."""
+    split = False
+    j = name.rfind("[")
+    if j > 0 and name[-1] == "]":
+        last = name[j + 1:-1]
+        kind = _kind_of(last)
+        if kind is not False:
+            split = name[:j], last, kind
+    if len(_NAMES) < _MEMO_SIZE:
+        _NAMES[name] = split
+    return split
+
+
 def _build_tree(triples, max_depth):
     """The PHP array made of decoded (name, separator, value) triples, as parse_form returns it."""
     tree = _Tree(max_depth)
@@ -758,15 +775,7 @@ def _build_tree(triples, max_depth):
         # The fast path: name is '<cached prefix>[<plain key>]'.
         split = names.get(name)
         if split is None:
-            split = False
-            j = name.rfind("[")
-            if j > 0 and name[-1] == "]":
-                last = name[j + 1:-1]
-                kind = _kind_of(last)
-                if kind is not False:
-                    split = name[:j], last, kind
-            if len(names) < _MEMO_SIZE:
-                names[name] = split
+            split = _split_name(name)
         if split is not False:
             prefix, last, kind = split
             array = arrays.get(prefix)
