@@ -808,8 +808,11 @@ def _to_json_shape(tree):
     for array, parent, key in reversed(tree.created):
         n = len(array)
         if (n == 0 or next_index.get(id(array)) == n) and parent.get(key) is array:
-            if n == 0 or list(array) == [str(i) for i in range(n)]:
+            if list(array) == (_INDEX_KEYS[:n] if n <= len(_INDEX_KEYS) else [str(i) for i in range(n)]):
                 parent[key] = list(array.values())
+
+
+_INDEX_KEYS = [str(i) for i in range(64)]  # the keys of the lists most calls hold, made once
 
 
 def parse_query(query, max_params=1000, max_depth=64):
