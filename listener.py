@@ -1277,8 +1277,11 @@ def log(config, environ, level, request_id, message):
     line = "%s %s [%s] %s\n" % (utc_now()[:19] + "Z", level.upper(), request_id, message)
     if config is not None and config.log_file:
         try:
-            _private_folder(os.path.dirname(config.log_file))
-            fd = os.open(config.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                fd = os.open(config.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            except FileNotFoundError:  # its folder, made private on the first line
+                _private_folder(os.path.dirname(config.log_file))
+                fd = os.open(config.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 os.write(fd, line.encode("utf-8", "replace"))
             finally:

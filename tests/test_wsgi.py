@@ -2,6 +2,8 @@
 
 import io
 import json
+import os
+import stat
 import wsgiref.validate
 
 import pytest
@@ -226,6 +228,16 @@ def test_log_has_one_line_per_request_without_key_or_values(site):
     text = site.log_text()
     assert SECRET not in text and "private" not in text and "wrong-key" not in text
     assert "INJECTED" in lines[2] and "\\n" in lines[2]  # escaped, not a second line
+
+
+def test_log_file_and_its_new_folder_are_private(site):
+    site.reconfigure(log_file="logs/listener.log")
+    site.post(b"transactionid=1")
+    site.post(b"transactionid=2")
+    folder = os.path.join(site.folder, "logs")
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(os.path.join(folder, "listener.log")).st_mode) == 0o600
+    assert len(open(os.path.join(folder, "listener.log")).read().splitlines()) == 2
 
 
 def test_key_never_stored_or_answered(site):
