@@ -3,13 +3,15 @@
 
     python3 tests/bench/apache_bench.py [--quick]     (as root: it starts a private Apache)
 
-One private Apache 2.4 (prefork, since mod_php needs it) on 127.0.0.1 serves four contenders
-the same typical ~3.3 KB Vbout form POSTs; the first three store them durably in SQLite (WAL,
-synchronous=FULL):
+One private Apache 2.4 (prefork, since mod_php needs it) on 127.0.0.1 serves five contenders
+the same typical ~3.3 KB Vbout form POSTs; all but the do-nothing app store them durably in
+SQLite (WAL, synchronous=FULL):
 - the listener, under mod_wsgi daemon mode;
 - tests/bench/peers/listener.php under mod_php ($_POST, PDO SQLite, one INSERT);
 - tests/bench/peers/flask_listener.py, Flask under mod_wsgi daemon mode;
-- a do-nothing WSGI app under mod_wsgi daemon mode: the floor of that mode (not a target).
+- a do-nothing WSGI app under mod_wsgi daemon mode: the floor of that mode (not a target);
+- the listener again, under mod_wsgi embedded mode (in Apache's own processes, as mod_php runs):
+  what the hop to a daemon costs (not a target).
 Rounds interleave the contenders. Each round sends the same number of requests at the same
 concurrency over keep-alive connections, and reads the CPU time (user + sys) of every process of
 that Apache before and after. The disk's fsync rate caps every contender, so CPU per request is
@@ -71,7 +73,11 @@ WSGIScriptAlias /nothing "{root}/nothing/nothing.py" process-group=nothing appli
 </Directory>
 WSGIDaemonProcess flask processes=2 threads=8 display-name=vbout-flask
 WSGIScriptAlias /flask "{root}/flask/flask_listener.py" process-group=flask application-group=%{{GLOBAL}}
+WSGIScriptAlias /embedded/listener.py "{root}/embedded/listener.py" application-group=%{{GLOBAL}}
 <Directory "{root}/app">
+    Require all granted
+</Directory>
+<Directory "{root}/embedded">
     Require all granted
 </Directory>
 <Directory "{root}/flask">
@@ -122,13 +128,13 @@ class Bench:
             os.makedirs(os.path.join(root, folder))
         shutil.copy(os.path.join(HERE, "peers", "listener.php"), os.path.join(root, "htdocs/php"))
         shutil.copy(os.path.join(HERE, "peers", "flask_listener.py"), os.path.join(root, "flask"))
-        app = os.path.join(root, "app")
-        os.makedirs(app)
-        for name in ("listener.py", "handlers"):
-            source = os.path.join(apache.ROOT, name)
-            (shutil.copytree if os.path.isdir(source) else shutil.copy2)(source, os.path.join(app, name))
-        with open(os.path.join(app, "config.ini"), "w") as f:
-            f.write("[listener]\nsecret = %s\ndurability = full\n" % SECRET)
+        for app in (os.path.join(root, "app"), os.path.join(root, "embedded")):
+            os.makedirs(app)
+            for name in ("listener.py", "handlers"):
+                source = os.path.join(apache.ROOT, name)
+                (shutil.copytree if os.path.isdir(source) else shutil.copy2)(source, os.path.join(app, name))
+            with open(os.path.join(app, "config.ini"), "w") as f:
+                f.write("[listener]\nsecret = %s\ndurability = full\n" % SECRET)
         os.makedirs(os.path.join(root, "nothing"))
         with open(os.path.join(root, "nothing", "nothing.py"), "w") as f:
             f.write(NOTHING_WSGI)
@@ -215,7 +221,8 @@ def main():
     contenders = [("listener (mod_wsgi)", "/wsgi/listener.py?key=" + SECRET),
                   ("mod_php + PDO", "/php/listener.php?key=" + SECRET),
                   ("Flask (mod_wsgi)", "/flask/?key=" + SECRET),
-                  ("do-nothing (mod_wsgi)", "/nothing/?key=" + SECRET)]
+                  ("do-nothing (mod_wsgi)", "/nothing/?key=" + SECRET),
+                  ("listener (embedded)", "/embedded/listener.py?key=" + SECRET)]
     results = {name: {"cpu": [], "rps": [], "split": []} for name, _ in contenders}
     answered = dict.fromkeys(results, 0)  # 200s actually received, warm-up included
     serial = 0
@@ -253,7 +260,8 @@ def main():
         # No request answered 200 may be missing from the database afterwards.
         import sqlite3
         for name, path in (("listener (mod_wsgi)", "app/data/events.sqlite3"), ("mod_php + PDO", "phpdata/events.sqlite3"),
-                           ("Flask (mod_wsgi)", "flaskdata/events.sqlite3")):
+                           ("Flask (mod_wsgi)", "flaskdata/events.sqlite3"),
+                           ("listener (embedded)", "embedded/data/events.sqlite3")):
             stored = sqlite3.connect(os.path.join(bench.root, path)).execute("SELECT count(*) FROM events").fetchone()[0]
             print("   %-22s %d answered 200, %d stored%s" % (name, answered[name], stored, "" if stored == answered[name]
                                                              else "  <-- MISSING %d" % (answered[name] - stored)))
@@ -261,6 +269,8 @@ def main():
         print("   CPU per request: %.2fx mod_php's (target <= 1.3), %.2fx Flask's (target <= 0.6)"
               % (ours[0] / php[0], ours[0] / flask[0]))
         print("   requests per second: %.2fx mod_php's (target >= 0.9)" % (ours[1] / php[1]))
+        print("   not a target: the listener in mod_wsgi embedded mode uses %.2fx mod_php's CPU per request"
+              % (medians["listener (embedded)"][0] / php[0]))
         cgi_rounds = 15 if quick else 40
         times = {"listener.py": [], "nothing.py": []}
         for i in range(cgi_rounds):
