@@ -1038,6 +1038,9 @@ def _prepare(conn, config):
     migrate(conn)
 
 
+_Connection = None
+
+
 def _connection_type():
     """sqlite3.Connection with the busy_timeout its writers wait for, made on first use."""
     global _Connection
@@ -1049,9 +1052,6 @@ def _connection_type():
 
         _Connection = Connection
     return _Connection
-
-
-_Connection = None
 
 
 def while_locked(conn, attempt):

@@ -14,7 +14,7 @@ SQLite (WAL, synchronous=FULL):
   what the hop to a daemon costs (not a target).
 Rounds interleave the contenders. Each round sends the same number of requests at the same
 concurrency over keep-alive connections, and reads the CPU time (user + sys) of every process of
-that Apache before and after. The disk's fsync rate caps every contender, so CPU per request is
+that Apache before and after; ratios are taken round by round, and their median printed. The disk's fsync rate caps every contender, so CPU per request is
 the figure to compare; requests per second is printed too, and how each contender's CPU splits
 between Apache's own processes and its mod_wsgi daemon. Targets (issue 4): CPU per request at
 most 1.3x mod_php's and 0.6x Flask's; requests per second at least 0.9x mod_php's.
@@ -216,7 +216,7 @@ def main():
     if os.geteuid() != 0:
         raise SystemExit("run as root: this starts a private Apache that switches to www-data")
     ensure_packages()
-    rounds, per_round, concurrency = (3, 300, 8) if quick else (6, 600, 8)
+    rounds, per_round, concurrency = (3, 300, 8) if quick else (10, 600, 8)
     bench = Bench()
     contenders = [("listener (mod_wsgi)", "/wsgi/listener.py?key=" + SECRET),
                   ("mod_php + PDO", "/php/listener.php?key=" + SECRET),
@@ -247,10 +247,8 @@ def main():
         print("Apache %s, prefork; %d rounds x %d requests per contender at concurrency %d; body %d bytes"
               % (subprocess.check_output([apache.HTTPD, "-v"], text=True).split()[2], rounds, per_round,
                  concurrency, len(vbout_body(0))))
-        medians = {}
         for name, _ in contenders:
             cpu, rps = statistics.median(results[name]["cpu"]), statistics.median(results[name]["rps"])
-            medians[name] = (cpu, rps)
             split = results[name]["split"]
             parts = ", ".join("%s %.2f" % (group, statistics.median(s.get(group, 0) for s in split))
                               for group in sorted({g for s in split for g in s})
@@ -265,12 +263,19 @@ def main():
             stored = sqlite3.connect(os.path.join(bench.root, path)).execute("SELECT count(*) FROM events").fetchone()[0]
             print("   %-22s %d answered 200, %d stored%s" % (name, answered[name], stored, "" if stored == answered[name]
                                                              else "  <-- MISSING %d" % (answered[name] - stored)))
-        ours, php, flask = (medians[name] for name, _ in contenders[:3])
-        print("   CPU per request: %.2fx mod_php's (target <= 1.3), %.2fx Flask's (target <= 0.6)"
-              % (ours[0] / php[0], ours[0] / flask[0]))
-        print("   requests per second: %.2fx mod_php's (target >= 0.9)" % (ours[1] / php[1]))
-        print("   not a target: the listener in mod_wsgi embedded mode uses %.2fx mod_php's CPU per request"
-              % (medians["listener (embedded)"][0] / php[0]))
+        names = [name for name, _ in contenders]
+
+        def paired(a, b, key="cpu"):
+            """Median and range of a's figure over b's, round by round: a busy moment of the
+            machine lands on both contenders of a round, and the median drops the worst rounds."""
+            ratios = sorted(x / y for x, y in zip(results[a][key], results[b][key]))
+            return "%.2fx (rounds %.2f-%.2f)" % (statistics.median(ratios), ratios[0], ratios[-1])
+
+        print("   CPU per request: %s mod_php's (target <= 1.3), %s Flask's (target <= 0.6)"
+              % (paired(names[0], names[1]), paired(names[0], names[2])))
+        print("   requests per second: %s mod_php's (target >= 0.9)" % paired(names[0], names[1], "rps"))
+        print("   not a target: the listener in mod_wsgi embedded mode uses %s mod_php's CPU per request"
+              % paired(names[4], names[1]))
         cgi_rounds = 15 if quick else 40
         times = {"listener.py": [], "nothing.py": []}
         for i in range(cgi_rounds):
