@@ -498,8 +498,7 @@ def _form_pairs(body, charset, max_params):
             raise LimitExceeded("the body has more than %d parameters (max_params)" % max_params)
     seps = _free_bytes(body) if _whole_decode_ok(charset) else None
     if seps is not None:
-        pairs = len(separators) // 2 + 1
-        if separators == b"=" + b"&=" * (pairs - 1):
+        if separators == b"=" + b"&=" * (len(separators) // 2):
             # Each pair has one raw '=': one split on both separators gives name, value, name, ...
             seps = seps[0], seps[0]
         decoded = _decode_whole(body, seps)
