@@ -498,14 +498,13 @@ def _form_pairs(body, charset, max_params):
             raise LimitExceeded("the body has more than %d parameters (max_params)" % max_params)
     seps = _free_bytes(body) if _whole_decode_ok(charset) else None
     if seps is not None:
-        if separators == b"=" + b"&=" * (len(separators) // 2):
-            # Each pair has one raw '=': one split on both separators gives name, value, name, ...
-            seps = seps[0], seps[0]
-        decoded = _decode_whole(body, seps)
+        # Each pair has one raw '=': then one split on both separators gives name, value, name, ...
+        regular = separators == b"=" + b"&=" * (len(separators) // 2)
+        decoded = _decode_whole(body, (seps[0], seps[0]) if regular else seps)
         if decoded is not None:
             text = decoded.decode(charset, "replace")
             del decoded  # each copy of a large body is let go as soon as the next one exists
-            if seps[0] == seps[1]:
+            if regular:
                 items = text.split(chr(seps[0]))
                 del text
                 return zip(items[0::2], repeat("="), items[1::2])
@@ -1017,8 +1016,10 @@ def _open(config, path, create):
         raise StorageError("cannot open the database: %s" % e) from None
     conn.busy_timeout = config.busy_timeout
     try:
-        # Each step can meet a lock while other processes make the same new file at once.
+        # Each pragma can meet a lock while other processes make the same new file at once;
+        # the migration waits in its own transaction.
         while_locked(conn, lambda: _prepare(conn, config))
+        migrate(conn)
     except sqlite3.Error as e:
         conn.close()
         raise StorageError("cannot prepare the database: %s" % e) from None
@@ -1034,7 +1035,6 @@ def _prepare(conn, config):
     # Each connection's cache goes stale whenever another one writes: reading pages through a
     # memory map instead of read() calls is what keeps concurrent writers cheap.
     conn.execute("PRAGMA mmap_size=268435456")
-    migrate(conn)
 
 
 _Connection = None
