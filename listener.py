@@ -20,7 +20,7 @@ defaults apply. Relative paths in it are relative to the config file's folder.
 import os
 import sys
 import time
-from itertools import repeat
+from itertools import count, repeat
 
 __version__ = "1.0.0"
 
@@ -940,9 +940,9 @@ EVENT_COLUMNS = ("transaction_id", "received_at", "method", "content_type", "rem
 _INSERT_EVENT = "INSERT INTO events (%s) VALUES (%s)" % (", ".join(EVENT_COLUMNS), ", ".join("?" * len(EVENT_COLUMNS)))
 
 try:
-    from _thread import _local as _ThreadLocal  # threading.local without importing threading
+    from _thread import _local as _ThreadLocal, allocate_lock as _allocate_lock  # without importing threading
 except ImportError:  # pragma: no cover
-    from threading import local as _ThreadLocal
+    from threading import local as _ThreadLocal, Lock as _allocate_lock
 
 SQLITE_MINIMUM = (3, 8, 3)  # partial indexes (3.8.0) and WITHOUT ROWID tables (3.8.2)
 LOCK_LOOK = 0.02  # seconds SQLite's busy handler waits before while_locked() looks again
@@ -1112,41 +1112,132 @@ class transaction:
 
 
 def store_event(conn, row, dedupe_window=0, deliveries=(), claim=None):
-    """Insert an event row unless it repeats one: (event_id, duplicate).
+    """Insert an event row unless it repeats one, in a transaction of its own: (event_id, duplicate).
 
     deliveries: [(handler, status)] rows made in the same transaction, so that an event is never
     stored without the record of what its handlers still have to do.
     """
-    import sqlite3
     with transaction(conn):
-        if row.get("transaction_id") is None and row.get("dedupe_key") is not None and dedupe_window > 0:
-            since = utc_now(time.time() - dedupe_window)
-            found = conn.execute("SELECT id FROM events WHERE dedupe_key IS NOT NULL AND dedupe_key = ?"
-                                 " AND received_at >= ?"
-                                 " ORDER BY id DESC LIMIT 1", (row["dedupe_key"], since)).fetchone()
-            if found:
-                conn.execute("UPDATE events SET repeats = repeats + 1 WHERE id = ?", found)
-                return found[0], True
+        return _insert_event(conn, row, dedupe_window, deliveries, claim)
+
+
+def _insert_event(conn, row, dedupe_window, deliveries, claim):
+    """store_event's statements, inside a transaction the caller holds."""
+    import sqlite3
+    if row.get("transaction_id") is None and row.get("dedupe_key") is not None and dedupe_window > 0:
+        since = utc_now(time.time() - dedupe_window)
+        found = conn.execute("SELECT id FROM events WHERE dedupe_key IS NOT NULL AND dedupe_key = ?"
+                             " AND received_at >= ?"
+                             " ORDER BY id DESC LIMIT 1", (row["dedupe_key"], since)).fetchone()
+        if found:
+            conn.execute("UPDATE events SET repeats = repeats + 1 WHERE id = ?", found)
+            return found[0], True
+    try:
+        cursor = conn.execute(_INSERT_EVENT, [row.get(c) for c in EVENT_COLUMNS])
+    except sqlite3.IntegrityError:
+        # transaction_id and spool_id are unique: the event is already stored (one statement
+        # fewer for every new event than looking first).
+        for column in ("spool_id", "transaction_id"):  # a spool record imported again is no repeat
+            if row.get(column) is not None:
+                found = conn.execute("SELECT id FROM events WHERE %s = ?" % column, (row[column],)).fetchone()
+                if found:
+                    if column == "transaction_id":
+                        conn.execute("UPDATE events SET repeats = repeats + 1 WHERE id = ?", found)
+                    return found[0], True
+        raise
+    if deliveries:
+        now = utc_now()
+        conn.executemany("INSERT INTO deliveries (event_id, handler, status, attempts, updated_at, claimed_by)"
+                         " VALUES (?, ?, ?, 0, ?, ?)", [(cursor.lastrowid, handler, status, now,
+                                                         claim if status == "running" else None)
+                                                        for handler, status in deliveries])
+    return cursor.lastrowid, False
+
+
+class _Writer:
+    """Group commit: the requests of one process that store at the same moment share one
+    transaction, and so one wait for the write lock and one fsync.
+
+    The first request to arrive writes its row at once. Requests that arrive while it does
+    queue up, and the first of them then writes every row queued by then, its own included.
+    Each request is answered only after the transaction that holds its row has committed; when
+    that transaction fails, every request in it gets the error (and spools its own row).
+    Under CGI, one request per process, a request always writes alone.
+    """
+
+    def __init__(self):
+        self.mutex = _allocate_lock()
+        self.queue = []  # [_Waiter] not yet written
+        self.busy = False  # a request is writing
+
+    def store(self, config, row, deliveries, claim):
+        """(store_event() for this request's row, whether this request wrote the transaction)."""
+        me = _Waiter((row, config.dedupe_window, deliveries, claim))
+        with self.mutex:
+            self.queue.append(me)
+            lead, self.busy = not self.busy, True
+        if not lead:
+            me.wake.acquire()  # released with this row's outcome, or for this request to write next
+            if me.outcome is not None:
+                return me.result(), False
+        with self.mutex:
+            batch, self.queue = self.queue, []
+        outcomes = None
         try:
-            cursor = conn.execute(_INSERT_EVENT, [row.get(c) for c in EVENT_COLUMNS])
-        except sqlite3.IntegrityError:
-            # transaction_id and spool_id are unique: the event is already stored (one statement
-            # fewer for every new event than looking first).
-            for column in ("spool_id", "transaction_id"):  # a spool record imported again is no repeat
-                if row.get(column) is not None:
-                    found = conn.execute("SELECT id FROM events WHERE %s = ?" % column, (row[column],)).fetchone()
-                    if found:
-                        if column == "transaction_id":
-                            conn.execute("UPDATE events SET repeats = repeats + 1 WHERE id = ?", found)
-                        return found[0], True
-            raise
-        if deliveries:
-            now = utc_now()
-            conn.executemany("INSERT INTO deliveries (event_id, handler, status, attempts, updated_at, claimed_by)"
-                             " VALUES (?, ?, ?, 0, ?, ?)", [(cursor.lastrowid, handler, status, now,
-                                                             claim if status == "running" else None)
-                                                            for handler, status in deliveries])
-        return cursor.lastrowid, False
+            conn = connect(config)
+            with transaction(conn):
+                outcomes = [_insert_event(conn, *waiter.args) for waiter in batch]
+        except Exception as e:
+            outcomes = [e] * len(batch)
+        finally:
+            if outcomes is None:  # not an Exception (the process is being stopped): no waiter may hang
+                outcomes = [StorageError("the request that wrote this event was interrupted")] * len(batch)
+            with self.mutex:
+                following = self.queue[0] if self.queue else None
+                self.busy = following is not None
+            if following is not None:
+                following.wake.release()
+            for waiter, outcome in zip(batch, outcomes):
+                waiter.outcome = outcome
+                if waiter is not me:
+                    waiter.wake.release()
+        return me.result(), True
+
+
+class _Waiter:
+    __slots__ = ("args", "wake", "outcome")
+
+    def __init__(self, args):
+        self.args = args
+        self.wake = _allocate_lock()
+        self.wake.acquire()
+        self.outcome = None  # (event_id, duplicate), or the exception that stopped the transaction
+
+    def result(self):
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+
+_writers = {}  # database path -> its _Writer in this process
+_writers_mutex = _allocate_lock()
+
+
+def _writer(path):
+    writer = _writers.get(path)
+    if writer is None:
+        with _writers_mutex:
+            writer = _writers.setdefault(path, _Writer())
+    return writer
+
+
+def _after_fork():
+    """In a forked child (Passenger and gunicorn --preload fork after importing the listener): no
+    queue or lock of the parent's threads, and request ids of its own."""
+    global _writers_mutex
+    _writers_mutex = _allocate_lock()
+    _writers.clear()
+    _seed_request_ids()
 
 
 def save(config, row):
@@ -1162,14 +1253,13 @@ def save(config, row):
     claim = os.urandom(8).hex() if config.handlers else None
     deliveries = [(h.name, "running" if h.run == "inline" else "pending") for h in config.handlers]
     try:
-        conn = connect(config)
-        event_id, duplicate = store_event(conn, row, config.dedupe_window, deliveries, claim)
+        (event_id, duplicate), wrote = _writer(config.database).store(config, row, deliveries, claim)
     except (SQLiteError, StorageError, OSError) as e:
         spool_append(config, row)  # raises OSError when the spool cannot take it either
         return {"event_id": None, "duplicate": False, "spooled": True}, e, None
-    if _spool_waiting(config):
+    if wrote and _spool_waiting(config):  # once per transaction: the database works again
         try:
-            spool_import(config, conn)
+            spool_import(config)
         except Exception:
             pass  # the spool stays for the next request or `listener.py spool`
     return {"event_id": event_id, "duplicate": duplicate}, None, claim
@@ -2313,10 +2403,21 @@ def _admin_headers(body, headers):
 ###############################################################################
 
 
+def _seed_request_ids():
+    """Each process numbers its requests' log ids from a random start: no system call per request."""
+    global _request_numbers
+    _request_numbers = count(int.from_bytes(os.urandom(6), "big"))
+
+
+_seed_request_ids()
+if hasattr(os, "register_at_fork"):  # every POSIX Python 3.7+
+    os.register_at_fork(after_in_child=_after_fork)
+
+
 def application(environ, start_response):
     """The PEP 3333 entry point: verify, parse, store, answer in JSON."""
     started = time.perf_counter()
-    request_id = os.urandom(6).hex()
+    request_id = "%012x" % (next(_request_numbers) & 0xFFFFFFFFFFFF)
     method = environ.get("REQUEST_METHOD", "GET").upper()
     config, note, headers = None, "", []
     try:

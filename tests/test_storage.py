@@ -231,3 +231,168 @@ def test_python_without_sqlite3_spools_instead_of_failing(site, monkeypatch):
     listener._connections.by_path = {}
     site.post(b"transactionid=later")  # a healthy database again: the spooled event comes in
     assert sorted(r["transaction_id"] for r in site.rows()) == ["later", "nosqlite"]
+
+
+# Group commit: requests of one process that store at the same moment share a transaction.
+
+class LockHolder:
+    """Another connection holding the write lock on a database until release() is called."""
+
+    def __init__(self, path):
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.execute("BEGIN IMMEDIATE")
+        self.released = False
+
+    def release(self):
+        if not self.released:
+            self.released = True
+            self.conn.execute("COMMIT")
+            self.conn.close()
+
+
+def in_threads(target, args_list):
+    """Start target(*args) in a thread each; returns (threads, results) with results filled as they end."""
+    import threading
+    results = [None] * len(args_list)
+
+    def run(i, args):
+        try:
+            results[i] = ("returned", target(*args))
+        except BaseException as e:  # noqa: B902  (what a thread raised is the result under test)
+            results[i] = ("raised", e)
+
+    threads = [threading.Thread(target=run, args=(i, args), daemon=True) for i, args in enumerate(args_list)]
+    return threads, results
+
+
+def join_all(threads, seconds=10):
+    deadline = time.monotonic() + seconds
+    for thread in threads:
+        thread.join(max(0, deadline - time.monotonic()))
+    assert not any(thread.is_alive() for thread in threads), "a request is still waiting"
+
+
+def wait_until(check, seconds=10):
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.005)
+
+
+def post_app(site, body):
+    """One POST straight through listener.application, from any thread: (status, answer)."""
+    import io
+    environ = {"REQUEST_METHOD": "POST", "QUERY_STRING": "key=" + SECRET, "CONTENT_LENGTH": str(len(body)),
+               "CONTENT_TYPE": "application/x-www-form-urlencoded", "wsgi.input": io.BytesIO(body),
+               "wsgi.errors": sys.stderr, "VBOUT_LISTENER_CONFIG": site.config_path, "REMOTE_ADDR": "127.0.0.1"}
+    status = []
+    out = b"".join(listener.application(environ, lambda s, h, e=None: status.append(s)))
+    return status[0], json.loads(out)
+
+
+def queue_behind_a_waiting_writer(site, target, args_list):
+    """The first call writes (and waits for a lock held elsewhere); the others queue behind it.
+    Returns (holder, threads, results) with every call started and all but the first queued."""
+    site.post(b"transactionid=before")
+    writer = listener._writer(site.config.database)
+    holder = LockHolder(site.config.database)
+    threads, results = in_threads(target, args_list)
+    threads[0].start()
+    wait_until(lambda: writer.busy and not writer.queue)  # the first call took its row and waits for the lock
+    for thread in threads[1:]:
+        thread.start()
+    wait_until(lambda: len(writer.queue) == len(threads) - 1)
+    return holder, threads, results
+
+
+def test_rows_queued_while_one_is_written_share_the_next_transaction(site):
+    config = site.config
+    rows = [listener._event_row({"transactionid": "t%d" % i}, b"transactionid=t%d" % i, "POST", None, "127.0.0.1")
+            for i in range(6)]
+    holder, threads, results = queue_behind_a_waiting_writer(
+        site, listener._writer(config.database).store, [(config, row, [], None) for row in rows])
+    holder.release()
+    join_all(threads)
+    assert all(kind == "returned" for kind, _ in results), results
+    outcomes = [value for _, value in results]
+    # The first call wrote its row alone; the first of the queued ones wrote all five others.
+    assert [wrote for _, wrote in outcomes].count(True) == 2
+    assert outcomes[0][1] is True
+    assert sorted(event_id for (event_id, _), _ in outcomes) == [2, 3, 4, 5, 6, 7]
+    assert not any(duplicate for (_, duplicate), _ in outcomes)
+    stored = {r["transaction_id"]: r["id"] for r in site.rows()}
+    assert {("t%d" % i): outcomes[i][0][0] for i in range(6)} == {k: v for k, v in stored.items() if k != "before"}
+    assert listener._writer(config.database).busy is False
+
+
+def test_the_same_transactionid_twice_in_one_transaction_is_stored_once(site):
+    bodies = [b"transactionid=first"] + [b"transactionid=again&n=%d" % i for i in range(4)]
+    holder, threads, results = queue_behind_a_waiting_writer(site, post_app, [(site, body) for body in bodies])
+    holder.release()
+    join_all(threads)
+    answers = [value[1] for _, value in results[1:]]
+    assert all(value[0] == "200 OK" for _, value in results)
+    assert sorted(a["duplicate"] for a in answers) == [False, True, True, True]
+    assert len({a["event_id"] for a in answers}) == 1
+    again = site.rows("SELECT * FROM events WHERE transaction_id = 'again'")
+    assert len(again) == 1 and again[0]["repeats"] == 3
+
+
+def test_a_failed_shared_transaction_spools_every_event_in_it(site):
+    site.reconfigure(busy_timeout="0.3")
+    bodies = [b"transactionid=s%d" % i for i in range(5)]
+    holder, threads, results = queue_behind_a_waiting_writer(site, post_app, [(site, body) for body in bodies])
+    try:
+        join_all(threads)
+    finally:
+        holder.release()
+    answers = [value[1] for _, value in results]
+    assert all(value[0] == "200 OK" for _, value in results)
+    assert all(a == {"ok": True, "event_id": None, "duplicate": False, "spooled": True} for a in answers)
+    assert site.log_text().count("database unavailable, event spooled") == 5
+    site.post(b"transactionid=after")  # the database works again: the spool comes in
+    assert sorted(r["transaction_id"] for r in site.rows()) == ["after", "before", "s0", "s1", "s2", "s3", "s4"]
+
+
+def test_an_interrupted_writer_leaves_no_request_waiting(site, monkeypatch):
+    config = site.config
+    rows = [listener._event_row({"transactionid": "i%d" % i}, b"", "POST", None, "127.0.0.1") for i in range(4)]
+    writer = listener._writer(config.database)
+    holder, threads, results = queue_behind_a_waiting_writer(
+        site, writer.store, [(config, row, [], None) for row in rows])
+    real = listener._insert_event
+
+    def interrupted(conn, row, *args):
+        if row["transaction_id"] == "i1":  # the queued rows' writer is stopped on its first row
+            raise KeyboardInterrupt
+        return real(conn, row, *args)
+
+    monkeypatch.setattr(listener, "_insert_event", interrupted)
+    holder.release()
+    join_all(threads)
+    assert results[0] == ("returned", ((2, False), True))
+    raised = [value for kind, value in results[1:] if kind == "raised"]
+    assert len(raised) == 3 and sum(isinstance(e, KeyboardInterrupt) for e in raised) == 1
+    assert all("interrupted" in str(e) for e in raised if isinstance(e, listener.StorageError))
+    assert sum(isinstance(e, listener.StorageError) for e in raised) == 2
+    monkeypatch.undo()
+    assert writer.busy is False
+    assert writer.store(config, rows[1], [], None) == ((3, False), True)  # the next request writes again
+
+
+def test_a_forked_process_has_its_own_request_ids_and_writers(site):
+    site.post(b"transactionid=parent")
+    assert listener._writers
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        try:
+            os.write(write, json.dumps([next(listener._request_numbers), len(listener._writers)]).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    child = json.loads(os.read(read, 1000))
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child[1] == 0
+    assert child[0] != next(listener._request_numbers)  # the same number in both without a new start
