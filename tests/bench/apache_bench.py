@@ -6,9 +6,9 @@
 One private Apache 2.4 (prefork, since mod_php needs it) on 127.0.0.1 serves five contenders
 the same typical ~3.3 KB Vbout form POSTs; all but the do-nothing app store them durably in
 SQLite (WAL, synchronous=FULL):
-- the listener, under mod_wsgi daemon mode;
+- the listener, under mod_wsgi daemon mode (processes=1 threads=15, as the README shows it);
 - tests/bench/peers/listener.php under mod_php ($_POST, PDO SQLite, one INSERT);
-- tests/bench/peers/flask_listener.py, Flask under mod_wsgi daemon mode;
+- tests/bench/peers/flask_listener.py, Flask under mod_wsgi daemon mode (the same layout);
 - a do-nothing WSGI app under mod_wsgi daemon mode: the floor of that mode (not a target);
 - the listener again, under mod_wsgi embedded mode (in Apache's own processes, as mod_php runs):
   what the hop to a daemon costs (not a target).
@@ -64,14 +64,14 @@ DocumentRoot "{root}/htdocs"
 SetEnv VBOUT_SECRET {secret}
 SetEnv VBOUT_PHP_DB {root}/phpdata/events.sqlite3
 SetEnv VBOUT_FLASK_DB {root}/flaskdata/events.sqlite3
-WSGIDaemonProcess vbout processes=2 threads=8 display-name=vbout-listener
+WSGIDaemonProcess vbout processes=1 threads=15 display-name=vbout-listener
 WSGIScriptAlias /wsgi/listener.py "{root}/app/listener.py" process-group=vbout application-group=%{{GLOBAL}}
-WSGIDaemonProcess nothing processes=2 threads=8 display-name=vbout-nothing
+WSGIDaemonProcess nothing processes=1 threads=15 display-name=vbout-nothing
 WSGIScriptAlias /nothing "{root}/nothing/nothing.py" process-group=nothing application-group=%{{GLOBAL}}
 <Directory "{root}/nothing">
     Require all granted
 </Directory>
-WSGIDaemonProcess flask processes=2 threads=8 display-name=vbout-flask
+WSGIDaemonProcess flask processes=1 threads=15 display-name=vbout-flask
 WSGIScriptAlias /flask "{root}/flask/flask_listener.py" process-group=flask application-group=%{{GLOBAL}}
 WSGIScriptAlias /embedded/listener.py "{root}/embedded/listener.py" application-group=%{{GLOBAL}}
 <Directory "{root}/app">
