@@ -554,18 +554,22 @@ def _free_bytes(body):
     # for all of its candidates at once when, as usual, the body has no such escape at all.
     escaped = {}
     found = []
-    for b in (1, 2, 3, 4, 5, 6, 7, 8, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25):
-        if bytes((b,)) in body:
+    for b, raw, high, lower, upper in _CANDIDATES:
+        if raw in body:
             continue
-        high = b >> 4
         if high not in escaped:
-            escaped[high] = (b"%%%d" % high) in body
-        if escaped[high] and ((b"%%%02x" % b) in body or (b"%%%02X" % b) in body):
+            escaped[high] = high in body
+        if escaped[high] and (lower in body or upper in body):
             continue
         found.append(b)
         if len(found) == 2:
-            return found
+            return tuple(found)
     return None
+
+
+# Control bytes that a body may lack: (byte, itself, the start of its escape, its escape in both cases).
+_CANDIDATES = [(b, bytes((b,)), b"%%%d" % (b >> 4), b"%%%02x" % b, b"%%%02X" % b)
+               for b in (1, 2, 3, 4, 5, 6, 7, 8, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25)]
 
 
 def _decode_whole(body, seps):
@@ -578,13 +582,19 @@ def _decode_whole(body, seps):
     the length check sees it and the caller takes the exact path.
     """
     from binascii import a2b_qp
-    data = body.translate(bytes.maketrans(b"+&=%", b" " + bytes(seps) + b"="))
+    table = _QP_TABLES.get(seps)
+    if table is None:
+        table = _QP_TABLES[seps] = bytes.maketrans(b"+&=%", b" " + bytes(seps) + b"=")  # at most 20 x 20
+    data = body.translate(table)
     if b"\r" in data or b"\n" in data:
         data = data.replace(b"\r", b"=0D").replace(b"\n", b"=0A")
     out = a2b_qp(data)
     if len(out) != len(data) - 2 * data.count(b"="):
         return None
     return out
+
+
+_QP_TABLES = {}  # (seps[0], seps[1]) -> _decode_whole's translation table
 
 
 def _php_int_key(key):
