@@ -121,23 +121,27 @@ def test_several_processes_sending_the_same_ids_store_each_once(site):
     assert sum(1 for _, a in answers if not a["duplicate"]) == 30
 
 
+class LockHolder:
+    """Another connection holding a write lock on a database until release() is called."""
+
+    def __init__(self, path, begin="BEGIN IMMEDIATE"):
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.execute(begin)
+        self.released = False
+
+    def release(self):
+        if not self.released:
+            self.released = True
+            self.conn.execute("COMMIT")
+            self.conn.close()
+
+
 def hold_lock(path, seconds, begin="BEGIN IMMEDIATE"):
-    """Another connection holds a write lock on path for seconds, in a thread; returns the thread once it holds it."""
+    """Another connection holds a write lock on path for seconds; returns the timer thread that releases it."""
     import threading
-    holding = threading.Event()
-
-    def hold():
-        conn = sqlite3.connect(path, isolation_level=None)
-        conn.execute(begin)
-        holding.set()
-        time.sleep(seconds)
-        conn.execute("COMMIT")
-        conn.close()
-
-    thread = threading.Thread(target=hold)
-    thread.start()
-    holding.wait(10)
-    return thread
+    timer = threading.Timer(seconds, LockHolder(path, begin).release)
+    timer.start()
+    return timer
 
 
 def test_a_writer_waits_out_a_lock_shorter_than_the_busy_timeout(site):
@@ -234,21 +238,6 @@ def test_python_without_sqlite3_spools_instead_of_failing(site, monkeypatch):
 
 
 # Group commit: requests of one process that store at the same moment share a transaction.
-
-class LockHolder:
-    """Another connection holding the write lock on a database until release() is called."""
-
-    def __init__(self, path):
-        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.conn.execute("BEGIN IMMEDIATE")
-        self.released = False
-
-    def release(self):
-        if not self.released:
-            self.released = True
-            self.conn.execute("COMMIT")
-            self.conn.close()
-
 
 def in_threads(target, args_list):
     """Start target(*args) in a thread each; returns (threads, results) with results filled as they end."""
