@@ -1,5 +1,6 @@
 """Shared fixtures: a private config and data folder per test, and the listener's app under WebTest."""
 
+import io
 import os
 import shutil
 import sqlite3
@@ -41,6 +42,14 @@ def query(database, sql="SELECT * FROM events ORDER BY id", params=()):
         return [dict(r) for r in conn.execute(sql, params)]
     finally:
         conn.close()
+
+
+def call(environ):
+    """Call the application directly with a minimal environ, from any thread: (status, headers, body)."""
+    environ.setdefault("wsgi.errors", io.StringIO())
+    seen = []
+    body = b"".join(listener.application(environ, lambda s, h, e=None: seen.append((s, h))))
+    return seen[0][0], dict(seen[0][1]), body
 
 
 class Site:

@@ -10,7 +10,7 @@ import textwrap
 import time
 
 import listener
-from conftest import ROOT, SECRET, vbout_body
+from conftest import ROOT, SECRET, call, vbout_body
 
 POSTER = textwrap.dedent("""
     import io, json, sys
@@ -269,19 +269,20 @@ def wait_until(check, seconds=10):
 
 
 def post_app(site, body):
-    """One POST straight through listener.application, from any thread: (status, answer)."""
+    """One form POST straight through listener.application, from any thread: (status, answer)."""
     import io
-    environ = {"REQUEST_METHOD": "POST", "QUERY_STRING": "key=" + SECRET, "CONTENT_LENGTH": str(len(body)),
-               "CONTENT_TYPE": "application/x-www-form-urlencoded", "wsgi.input": io.BytesIO(body),
-               "wsgi.errors": sys.stderr, "VBOUT_LISTENER_CONFIG": site.config_path, "REMOTE_ADDR": "127.0.0.1"}
-    status = []
-    out = b"".join(listener.application(environ, lambda s, h, e=None: status.append(s)))
-    return status[0], json.loads(out)
+    status, _, out = call({"REQUEST_METHOD": "POST", "QUERY_STRING": "key=" + SECRET,
+                           "CONTENT_LENGTH": str(len(body)), "CONTENT_TYPE": "application/x-www-form-urlencoded",
+                           "wsgi.input": io.BytesIO(body), "VBOUT_LISTENER_CONFIG": site.config_path})
+    return status, json.loads(out)
 
 
 def queue_behind_a_waiting_writer(site, target, args_list):
     """The first call writes (and waits for a lock held elsewhere); the others queue behind it.
-    Returns (holder, threads, results) with every call started and all but the first queued."""
+
+    One event ('before') is stored first so that the database exists: the calls' events are
+    numbered from 2. Returns (holder, threads, results) with every call started and all but the
+    first queued."""
     site.post(b"transactionid=before")
     writer = listener._writer(site.config.database)
     holder = LockHolder(site.config.database)

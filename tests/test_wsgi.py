@@ -9,7 +9,7 @@ import wsgiref.validate
 import pytest
 
 import listener
-from conftest import SECRET, vbout_body
+from conftest import SECRET, call, vbout_body
 
 FORM = "application/x-www-form-urlencoded"
 
@@ -270,11 +270,3 @@ def test_config_file_is_chosen_per_request(site, tmp_path_factory):
     site.post(b"a=1")
     site.post(b"a=2", extra_environ={"VBOUT_LISTENER_CONFIG": other.config_path})
     assert len(site.rows()) == 1 and len(other.rows()) == 1
-
-
-def call(environ):
-    """Call the application directly with a minimal environ: (status, headers, body)."""
-    environ.setdefault("wsgi.errors", io.StringIO())
-    seen = []
-    body = b"".join(listener.application(environ, lambda s, h, e=None: seen.append((s, h))))
-    return seen[0][0], dict(seen[0][1]), body
